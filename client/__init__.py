@@ -1,0 +1,1 @@
+"""The Pli client: a practitioner's device. Builds, signs and encrypts cases; verifies and opens them."""

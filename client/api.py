@@ -1,0 +1,246 @@
+"""Talking to a relay: every request signed (SPEC.md §8), every refusal typed.
+
+The relay is not trusted with anything but routing: this module only moves bytes and
+JSON; what those bytes mean is checked by ``protocol`` in ``client.core``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nacl.signing
+from yarl import URL
+
+from protocol import codec, httpsig
+from protocol.errors import PliError
+from protocol.keys import DeviceKeys
+
+__all__ = ["RelayClient", "RelayProblem", "RelayUnreachable"]
+
+ENVELOPE_TYPE = "application/vnd.pli.envelope"
+UPLOAD_CHUNK = 4 << 20  # under the relay's default 8 MiB request limit
+_READ = 1 << 18
+
+Progress = Callable[[int, int], None]
+
+
+class RelayProblem(PliError):
+    """The relay refused a request; ``code`` is its stable error code (SPEC.md §9)."""
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.status = status
+        self.body = body or {}
+
+
+class RelayUnreachable(PliError):
+    code = "relay_unreachable"
+
+
+def ssl_context() -> ssl.SSLContext | None:
+    """Trust the system's CAs, plus a relay certificate named by PLI_CA_FILE (never 'no verify')."""
+    cafile = os.environ.get("PLI_CA_FILE")
+    if not cafile:
+        return None
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cafile)
+    return ctx
+
+
+class RelayClient:
+    """One relay, one device. Use as ``async with RelayClient(url, keys) as relay``."""
+
+    def __init__(self, base_url: str, keys: DeviceKeys | None = None) -> None:
+        self.base = URL(base_url.rstrip("/"))
+        if self.base.scheme not in {"http", "https"} or not self.base.host:
+            raise PliError(f"relay address {base_url!r} is not an http(s) URL", code="bad_url")
+        self._keys = keys
+        self._signing: nacl.signing.SigningKey | None = keys.signing_key if keys else None
+        self._keyid = keys.device_id.hex() if keys else ""
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> RelayClient:  # noqa: PYI034 - final class in practice
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_context() or True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=120),
+            auto_decompress=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use RelayClient in `async with`")
+        return self._session
+
+    def _url(self, path: str, query: dict[str, str] | None = None) -> URL:
+        url = self.base.with_path(self.base.path.rstrip("/") + path)
+        return url.with_query(query) if query else url
+
+    def _sign(self, method: str, url: URL, body: bytes) -> dict[str, str]:
+        if self._signing is None:
+            raise RuntimeError("this client has no device key")
+        return httpsig.sign_request(
+            method=method,
+            authority=httpsig.authority(url.host or "", url.port, url.scheme),
+            path=url.raw_path,
+            query=url.raw_query_string,
+            content_digest=httpsig.content_digest(hashlib.sha256(body).digest()),
+            signing_key=self._signing,
+            keyid=self._keyid,
+            created=int(time.time()),
+            nonce=httpsig.encode_nonce(os.urandom(16)),
+        )
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        content_type: str | None = None,
+        query: dict[str, str] | None = None,
+        signed: bool = True,
+        ok: tuple[int, ...] = (200, 201),
+    ) -> Any:
+        url = self._url(path, query)
+        headers = self._sign(method, url, body) if signed else {}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            async with self.session.request(method, url, data=body or None, headers=headers) as resp:
+                if resp.status not in ok:
+                    await _raise_problem(resp)
+                return await resp.json()
+        except aiohttp.ClientError as e:
+            raise RelayUnreachable(f"cannot reach the relay at {self.base}: {e}") from e
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", "/healthz", signed=False)
+        return result
+
+    async def enroll(self, code: str, device_record: dict[str, bytes]) -> dict[str, Any]:
+        body = codec.encode({"v": 1, "code": code, "device": device_record})
+        result: dict[str, Any] = await self._request(
+            "POST", "/v1/enroll", body=body, content_type="application/msgpack", signed=False
+        )
+        return result
+
+    async def directory(self, rpps: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", f"/v1/directory/{rpps}")
+        return result
+
+    async def device(self, device_id: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", f"/v1/devices/{device_id.hex()}")
+        return result
+
+    async def inbox(self) -> list[dict[str, Any]]:
+        result = await self._request("GET", "/v1/inbox")
+        return list(result["envelopes"])
+
+    async def status(self, envelope_id: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("GET", f"/v1/envelopes/{envelope_id.hex()}/status")
+        return result
+
+    async def ack(self, envelope_id: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = await self._request("POST", f"/v1/envelopes/{envelope_id.hex()}/ack")
+        return result
+
+    async def upload(
+        self, envelope_id: bytes, prefix: bytes, ciphertext: Path, *, progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Upload an envelope in signed requests of at most ``UPLOAD_CHUNK`` bytes, resuming
+        where the relay stopped if an earlier attempt was cut."""
+        size = ciphertext.stat().st_size
+        path = f"/v1/envelopes/{envelope_id.hex()}"
+        with ciphertext.open("rb") as f:
+            first = f.read(max(0, UPLOAD_CHUNK - len(prefix)))
+            state: dict[str, Any] = await self._request(
+                "PUT", path, body=prefix + first, content_type=ENVELOPE_TYPE
+            )
+            while not state["complete"]:
+                offset = int(state["offset"])
+                if progress:
+                    progress(offset, size)
+                f.seek(offset)
+                chunk = f.read(UPLOAD_CHUNK)
+                try:
+                    state = await self._request(
+                        "PATCH", path, body=chunk, content_type="application/octet-stream",
+                        query={"offset": str(offset)},
+                    )
+                except RelayProblem as e:
+                    if e.code != "offset_mismatch" or "offset" not in e.body:
+                        raise
+                    state = {"complete": False, "offset": e.body["offset"]}
+        if progress:
+            progress(size, size)
+        return state
+
+    async def download(
+        self,
+        envelope_id: bytes,
+        sink: Callable[[bytes], None],
+        *,
+        offset: int = 0,
+        progress: Progress | None = None,
+    ) -> None:
+        """Stream an envelope from byte ``offset`` into ``sink`` (a ``Range`` request resumes a cut download)."""
+        url = self._url(f"/v1/envelopes/{envelope_id.hex()}")
+        headers = self._sign("GET", url, b"")
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        try:
+            async with self.session.get(url, headers=headers) as resp:
+                if resp.status not in (200, 206):
+                    await _raise_problem(resp)
+                skip = offset if resp.status == 200 else 0  # a relay that ignored the range
+                have = offset
+                total = offset + (resp.content_length or 0) - skip
+                async for received in resp.content.iter_chunked(_READ):
+                    chunk = received
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                        if not chunk:
+                            continue
+                    sink(chunk)
+                    have += len(chunk)
+                    if progress:
+                        progress(have, total)
+        except aiohttp.ClientError as e:
+            raise RelayUnreachable(
+                f"download interrupted ({e}); run the same command again to resume"
+            ) from e
+
+
+async def _raise_problem(resp: aiohttp.ClientResponse) -> None:
+    try:
+        body = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("code"), str):
+        raise RelayProblem(resp.status, body["code"], str(body.get("detail", "")), body)
+    raise RelayProblem(resp.status, "http_error", f"the relay answered HTTP {resp.status}")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)

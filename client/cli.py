@@ -1,0 +1,348 @@
+"""``pli``: the practitioner's command.
+
+Every command prints plain French or English (``PLI_LANG``), or one JSON document
+with ``--json``. Errors are mapped here, at the boundary: a user sees what went wrong
+and what to do, never a traceback (``PLI_DEBUG=1`` shows it for developers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from client import core
+from client.home import Home
+from client.ui import Progress, emit, error_text, tr
+from protocol.errors import PliError
+from protocol.ids import check_rpps
+from protocol.keys import DeviceKeys
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+
+class Ctx:
+    def __init__(self, home: Home, as_json: bool) -> None:
+        self.home = home
+        self.json = as_json
+
+    def passphrase(self, *, confirm: bool = False) -> bytes:
+        """From PLI_PASSPHRASE_FILE, PLI_PASSPHRASE (scripts), or a hidden prompt."""
+        path = os.environ.get("PLI_PASSPHRASE_FILE")
+        if path:
+            return Path(path).read_text(encoding="utf-8").rstrip("\n").encode()
+        env = os.environ.get("PLI_PASSPHRASE")
+        if env is not None:
+            return env.encode()
+        if not sys.stdin.isatty():
+            raise click.UsageError(
+                tr("pas de phrase de passe : définissez PLI_PASSPHRASE_FILE pour un script",
+                   "no passphrase: set PLI_PASSPHRASE_FILE when running from a script")
+            )
+        first = getpass.getpass(tr("Phrase de passe : ", "Passphrase: "))
+        if confirm:
+            if len(first) < 8:
+                raise click.UsageError(tr("au moins 8 caractères", "at least 8 characters"))
+            if getpass.getpass(tr("Encore une fois : ", "Again: ")) != first:
+                raise click.UsageError(tr("les deux saisies diffèrent", "the two entries differ"))
+        return first.encode()
+
+    def keys(self) -> DeviceKeys:
+        return self.home.unlock(self.passphrase())
+
+    def progress(self, label: str) -> Progress:
+        return Progress(label, enabled=not self.json)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _text_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--text-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Read the text from a file (UTF-8).")(f)
+    return click.option("--text", help="The text itself.")(f)
+
+
+def _read_text(text: str | None, text_file: Path | None) -> str:
+    if text_file is not None:
+        return text_file.read_text(encoding="utf-8")
+    if text is None:
+        raise click.UsageError(tr("indiquez --text ou --text-file", "give --text or --text-file"))
+    return text
+
+
+def _when(ts: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="PLI_HOME",
+              help="This device's Pli folder [env PLI_HOME; default ~/.pli].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document, for scripts.")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, as_json: bool) -> None:
+    """Pli: send a téléexpertise case to a colleague, end-to-end encrypted.
+
+    \b
+    First time on this computer:
+      pli init                              create this device's keys
+      pli enroll https://relay.example CODE  join the relay with your invitation code
+    Then:
+      pli send --to 10000005479 --subject "Lésion du dos" --patient "Mme D., 63 ans" \\
+               --text "Mélanome ?" photo.jpg dossier.pdf
+      pli inbox                             what is waiting for you
+      pli open 3f2a                         verify, decrypt and file it (first characters of the id)
+      pli reply 3f2a --text "Avis : ..."    answer in the same case
+    Try everything at once, with a relay of its own:
+      pli demo
+    """
+    ctx.obj = Ctx(Home(home) if home else Home.default(), as_json)
+
+
+@cli.command()
+@click.option("--fast-kdf", is_flag=True, hidden=True, help="Minimum Argon2id cost (tests only).")
+@pass_ctx
+def init(c: Ctx, fast_kdf: bool) -> None:
+    """Create this device's keys, sealed under a passphrase you choose.
+
+    The passphrase never leaves this computer; without it the keys cannot be used.
+    Scripts set PLI_PASSPHRASE_FILE (a file holding it) instead of typing it.
+    """
+    keys = DeviceKeys.generate(now=int(time.time()))
+    c.home.create(keys, c.passphrase(confirm=True), fast_kdf=fast_kdf)
+    pub = keys.public()
+    emit(c.json, {"device_id": keys.device_id.hex(), "fingerprint": pub.fingerprint, "home": str(c.home.root)},
+         tr(f"Clés créées dans {c.home.root}.\nEmpreinte de cet appareil : {pub.fingerprint}\n"
+            "Étape suivante : pli enroll URL CODE",
+            f"Keys created in {c.home.root}.\nThis device's fingerprint: {pub.fingerprint}\n"
+            "Next: pli enroll URL CODE"))
+
+
+@cli.command()
+@click.argument("url")
+@click.argument("code")
+@pass_ctx
+def enroll(c: Ctx, url: str, code: str) -> None:
+    """Join the relay at URL with the one-time invitation CODE its administrator gave you."""
+    keys = c.keys()
+    p = run(core.enroll(c.home, keys, url, code))
+    emit(c.json, asdict(p),
+         tr(f"Inscrit sur {p.relay} : {p.name}, RPPS {p.rpps} ({p.profession} {p.specialty}).",
+            f"Enrolled on {p.relay}: {p.name}, RPPS {p.rpps} ({p.profession} {p.specialty})."))
+
+
+@cli.command()
+@pass_ctx
+def whoami(c: Ctx) -> None:
+    """Show this device's practitioner, relay and fingerprint (to read aloud to a colleague)."""
+    keys = c.keys()
+    p = c.home.profile()
+    fp = keys.public().fingerprint
+    emit(c.json, {**asdict(p), "fingerprint": fp},
+         f"{p.name or '-'}  RPPS {p.rpps or '-'}\n{tr('Relais', 'Relay')}: {p.relay or '-'}\n"
+         f"{tr('Appareil', 'Device')}: {keys.device_id.hex()}\n{tr('Empreinte', 'Fingerprint')}: {fp}")
+
+
+@cli.command()
+@click.option("--to", "to", multiple=True, required=True, help="RPPS number of the practitioner (repeatable).")
+@click.option("--subject", required=True, help="Short title of the case.")
+@click.option("--patient", required=True, help="Who the case is about (encrypted; the relay never sees it).")
+@_text_option
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def send(c: Ctx, to: tuple[str, ...], subject: str, patient: str, text: str | None,
+         text_file: Path | None, files: tuple[Path, ...]) -> None:
+    """Send a new case with its FILES (photos, PDF) to one or more practitioners."""
+    rpps = [check_rpps(t) for t in to]
+    body = {"subject": subject, "patient": patient, "text": _read_text(text, text_file)}
+    keys = c.keys()
+    sent = run(core.send(c.home, keys, to=rpps, kind="request", body=body, files=list(files),
+                         progress=c.progress(tr("Envoi", "Upload"))))
+    _print_sent(c, sent)
+
+
+def _print_sent(c: Ctx, sent: core.SentEnvelope) -> None:
+    names = ", ".join(f"{p['name']} (RPPS {p['rpps']})" for p in sent.to)
+    lines = [tr(f"Envoyé à {names}.", f"Sent to {names}."),
+             tr(f"  pli {sent.envelope_id}, dossier {sent.case_id}, {sent.size:,} octets chiffrés,"
+                f" reçu par le relais le {_when(sent.received_at)}",
+                f"  envelope {sent.envelope_id}, case {sent.case_id}, {sent.size:,} encrypted bytes,"
+                f" received by the relay at {_when(sent.received_at)}")]
+    for rpps in sent.first_contacts:
+        lines.append(tr(f"  Premier échange avec RPPS {rpps} : ses clés sont désormais épinglées. "
+                        "Comparez son empreinte de vive voix (pli trust --show).",
+                        f"  First exchange with RPPS {rpps}: their keys are now pinned. "
+                        "Compare their fingerprint aloud (pli trust --show)."))
+    emit(c.json, asdict(sent), "\n".join(lines))
+
+
+@cli.command()
+@pass_ctx
+def inbox(c: Ctx) -> None:
+    """List the envelopes waiting for this device on the relay."""
+    keys = c.keys()
+    entries = run(core.inbox(c.home, keys))
+    if c.json:
+        emit(True, entries, "")
+        return
+    if not entries:
+        emit(False, {}, tr("Rien de nouveau.", "Nothing new."))
+        return
+    lines = [tr(f"{len(entries)} pli(s) en attente :", f"{len(entries)} envelope(s) waiting:")]
+    for e in entries:
+        lines.append(f"  {e['id'][:12]}  RPPS {e['from_rpps']}  {e['size']:>10,} B  {_when(e['received_at'])}")
+    lines.append(tr("Ouvrir : pli open ID", "Open one: pli open ID"))
+    emit(False, {}, "\n".join(lines))
+
+
+@cli.command(name="open")
+@click.argument("envelope_id")
+@click.option("--no-ack", is_flag=True, help="Leave it in the inbox (do not acknowledge receipt).")
+@pass_ctx
+def open_(c: Ctx, envelope_id: str, no_ack: bool) -> None:
+    """Download, verify and decrypt an envelope into this device's case folder.
+
+    Files are written only once the sender's signature, every file's hash and the
+    whole encrypted stream have been checked.
+    """
+    keys = c.keys()
+    o = run(core.open_envelope(c.home, keys, envelope_id, acknowledge=not no_ack,
+                               progress=c.progress(tr("Réception", "Download"))))
+    kind = {"request": tr("Demande", "Request"), "reply": tr("Réponse", "Answer")}.get(o.kind, o.kind)
+    lines = [
+        tr(f"{kind} de {o.sender_name} (RPPS {o.sender_rpps}), signée le {_when(o.created)}, "
+           f"signature vérifiée.", f"{kind} from {o.sender_name} (RPPS {o.sender_rpps}), signed "
+           f"{_when(o.created)}, signature verified."),
+    ]
+    if o.first_contact:
+        lines.append(tr(f"  Premier échange : empreinte de l'expéditeur {o.sender_fingerprint}",
+                        f"  First exchange: sender's fingerprint {o.sender_fingerprint}"))
+    if "subject" in o.body:
+        lines.append(f"  {tr('Objet', 'Subject')}: {o.body['subject']}")
+    if "patient" in o.body:
+        lines.append(f"  {tr('Patient', 'Patient')}: {o.body['patient']}")
+    lines.append("  " + o.body.get("text", "").replace("\n", "\n  "))
+    for f in o.files:
+        lines.append(f"  {tr('Pièce jointe', 'Attachment')}: {f['name']} ({f['type']}, {f['size']:,} B)")
+    lines.append(tr(f"  Enregistré dans {o.folder}", f"  Saved in {o.folder}"))
+    emit(c.json, asdict(o), "\n".join(lines))
+
+
+@cli.command()
+@click.argument("envelope_id")
+@_text_option
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@pass_ctx
+def reply(c: Ctx, envelope_id: str, text: str | None, text_file: Path | None, files: tuple[Path, ...]) -> None:
+    """Answer an envelope you opened, in the same case, with optional FILES."""
+    keys = c.keys()
+    sent = run(core.reply(c.home, keys, envelope_id, text=_read_text(text, text_file), files=list(files),
+                          progress=c.progress(tr("Envoi", "Upload"))))
+    _print_sent(c, sent)
+
+
+@cli.command()
+@click.argument("rpps")
+@click.option("--yes", is_flag=True, help="Accept the keys shown without asking.")
+@click.option("--show", is_flag=True, help="Only show the keys and their fingerprints.")
+@pass_ctx
+def trust(c: Ctx, rpps: str, yes: bool, show: bool) -> None:
+    """Show a practitioner's device fingerprints and, once checked aloud with them, pin them."""
+    from client.api import RelayClient  # noqa: PLC0415
+
+    rpps = check_rpps(rpps)
+    keys = c.keys()
+    profile = c.home.profile()
+
+    async def fetch() -> tuple[dict[str, Any], list[Any]]:
+        async with RelayClient(profile.relay, keys) as r:
+            info = await r.directory(rpps)
+        return info, [core._record_from_json(d) for d in info["devices"]]  # noqa: SLF001
+
+    info, devices = run(fetch())
+    rows = [{"device_id": d.device_id.hex(), "fingerprint": d.fingerprint} for d in devices]
+    if show or c.json:
+        emit(c.json, {"rpps": rpps, "name": info["name"], "devices": rows, "pinned": c.home.pinned(rpps)},
+             "\n".join(f"{info['name']}: {r['device_id'][:12]}  {r['fingerprint']}" for r in rows))
+        if show:
+            return
+    if not c.json:
+        click.echo("\n".join(f"{info['name']}: {r['device_id'][:12]}  {r['fingerprint']}" for r in rows))
+    if not yes and not click.confirm(tr("Ces empreintes sont-elles celles que le praticien vous a lues ?",
+                                         "Are these the fingerprints the practitioner read to you?")):
+        raise SystemExit(1)
+    c.home.pin(rpps, devices)
+    if not c.json:
+        click.echo(tr("Clés épinglées.", "Keys pinned."))
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep everything here: DIR/relay, DIR/<practitioner> (default: a temporary folder, removed).")
+@click.option("--relay", "relay_url", help="Use this running relay instead of starting one.")
+@click.option("--relay-data", type=click.Path(file_okay=False, path_type=Path),
+              help="With --relay: that relay's data folder, to create the two invitations.")
+@click.option("--codes", help="With --relay: two invitation codes GP,SPECIALIST instead of --relay-data.")
+@pass_ctx
+def demo(c: Ctx, workdir: Path | None, relay_url: str | None, relay_data: Path | None, codes: str | None) -> None:
+    """Run a whole case end to end: a relay, a GP and a dermatologist, a photo and a PDF,
+    the question, the answer, and a check that the relay holds no plaintext."""
+    from client.demo import run_demo  # noqa: PLC0415
+
+    result = run_demo(workdir=workdir, relay_url=relay_url, relay_data=relay_data, codes=codes,
+                      as_json=c.json)
+    if c.json:
+        emit(True, result, "")
+
+
+def main() -> None:
+    try:
+        cli(prog_name="pli", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo(tr("Interrompu.", "Interrupted."), err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except PliError as e:
+        _fail(e.code, error_text(e), 1)
+    except KeyboardInterrupt:
+        click.echo(tr("Interrompu.", "Interrupted."), err=True)
+        sys.exit(130)
+    except OSError as e:
+        _fail("os_error", f"{e.strerror or e}: {e.filename or ''}".rstrip(": "), 1)
+    except Exception as e:
+        if os.environ.get("PLI_DEBUG"):
+            traceback.print_exc()
+        _fail("internal", tr(f"Erreur interne ({type(e).__name__}). Relancez avec PLI_DEBUG=1 pour le détail.",
+                             f"Internal error ({type(e).__name__}). Run again with PLI_DEBUG=1 for details."), 2)
+
+
+def _fail(code: str, text: str, status: int) -> None:
+    if "--json" in sys.argv[1:]:
+        print(json.dumps({"error": code, "message": text}, ensure_ascii=False))
+    else:
+        click.echo(f"pli: {text}", err=True)
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

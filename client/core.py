@@ -1,0 +1,484 @@
+"""What a practitioner does with Pli, as async functions the CLI (and practice software) call.
+
+Each workflow fetches bytes, hands them to ``protocol`` to check, and keeps only
+what passed: an opened bundle's files appear in the case folder only after the
+signature, the recipients, every file hash and the end of the age stream checked out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import mimetypes
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.api import Progress, RelayClient, unb64
+from client.home import Home, Profile, atomic_write
+from protocol import age
+from protocol.bundle import BundleReader, FileEntry, Manifest, Sender, check_file_name, sign_manifest, write_bundle
+from protocol.envelope import EnvelopeHeader, SignedHeader, seal_header, split_prefix
+from protocol.errors import BundleError, DecodeError, NotARecipientError, PliError
+from protocol.ids import check_rpps
+from protocol.keys import DeviceKeys, DevicePublic
+
+__all__ = [
+    "OpenedEnvelope",
+    "SentEnvelope",
+    "enroll",
+    "inbox",
+    "open_envelope",
+    "reply",
+    "send",
+]
+
+DEFAULT_LIFETIME = 30 * 86400
+_COPY = 1 << 20
+
+
+class ClientError(PliError):
+    code = "client"
+
+
+@dataclass
+class SentEnvelope:
+    envelope_id: str
+    case_id: str
+    to: list[dict[str, Any]]
+    size: int
+    received_at: int | None
+    first_contacts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OpenedEnvelope:
+    envelope_id: str
+    case_id: str
+    kind: str
+    sender_rpps: str
+    sender_name: str
+    sender_fingerprint: str
+    created: int
+    relay_received_at: int | None
+    folder: str
+    body: dict[str, Any]
+    files: list[dict[str, Any]]
+    first_contact: bool
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def media_type(path: Path) -> str:
+    """The file's media type from its first bytes where they say, else from its name."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"%PDF-"):
+        return "application/pdf"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    guessed, _ = mimetypes.guess_type(path.name)
+    if guessed in {"application/pdf", "image/jpeg", "image/png"}:
+        raise ClientError(f"{path.name}: the name says {guessed} but the content is not")
+    return guessed or "application/octet-stream"
+
+
+def _hash_file(path: Path) -> FileEntry:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_COPY):
+            h.update(chunk)
+            size += len(chunk)
+    check_file_name(path.name)
+    return FileEntry(name=path.name, media_type=media_type(path), size=size, sha256=h.digest())
+
+
+# -- enrolment and directory ----------------------------------------------------------------
+
+
+async def enroll(home: Home, keys: DeviceKeys, relay_url: str, code: str) -> Profile:
+    async with RelayClient(relay_url) as relay:
+        answer = await relay.enroll(code, keys.public().to_record())
+    profile = Profile(
+        relay=relay_url.rstrip("/"),
+        device_id=answer["device_id"],
+        rpps=answer["rpps"],
+        name=answer["name"],
+        profession=answer["profession"],
+        specialty=answer["specialty"],
+    )
+    home.save_profile(profile)
+    return profile
+
+
+def _record_from_json(d: dict[str, Any]) -> DevicePublic:
+    try:
+        record = {"sign_key": unb64(d["sign_key"]), "cert": unb64(d["cert"]), "sig": unb64(d["sig"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DecodeError("the relay sent a malformed device record") from e
+    return DevicePublic.from_record(record)
+
+
+async def practitioner_devices(
+    relay: RelayClient, home: Home, rpps: str
+) -> tuple[dict[str, Any], list[DevicePublic], bool]:
+    """A practitioner's verified device keys, checked against the pins (see Home.check_pins)."""
+    info = await relay.directory(check_rpps(rpps))
+    devices = [_record_from_json(d) for d in info.get("devices", [])]
+    for d, raw in zip(devices, info.get("devices", []), strict=True):
+        if d.device_id.hex() != raw.get("device_id"):
+            raise DecodeError("the relay's directory lists a device under the wrong id")
+    if not devices:
+        raise ClientError(f"{info.get('name', rpps)} has no enrolled device yet")
+    first = home.check_pins(info["rpps"], devices)
+    return info, devices, first
+
+
+def _session(home: Home) -> Profile:
+    profile = home.profile()
+    if not profile.relay:
+        raise ClientError("this device is not enrolled: run `pli enroll URL CODE` first")
+    return profile
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+async def send(
+    home: Home,
+    keys: DeviceKeys,
+    *,
+    to: list[str],
+    kind: str,
+    body: dict[str, Any],
+    files: list[Path],
+    case_id: bytes | None = None,
+    lifetime: int = DEFAULT_LIFETIME,
+    progress: Progress | None = None,
+    relay: RelayClient | None = None,
+) -> SentEnvelope:
+    """Build, sign, encrypt and upload one envelope; keep it in the local archive."""
+    profile = _session(home)
+    for f in files:
+        if not f.is_file():
+            raise ClientError(f"{f}: no such file")
+    entries = await asyncio.to_thread(lambda: [_hash_file(f) for f in files])
+    if len({e.name.casefold() for e in entries}) != len(entries):
+        raise ClientError("two attachments have the same name; rename one")
+    async with _relay(profile, keys, relay) as r:
+        recipients: list[DevicePublic] = []
+        peers: list[dict[str, Any]] = []
+        first_contacts: list[str] = []
+        for rpps in to:
+            info, devices, first = await practitioner_devices(r, home, rpps)
+            recipients += devices
+            peers.append({"rpps": info["rpps"], "name": info["name"]})
+            if first:
+                first_contacts.append(info["rpps"])
+        me = keys.public()
+        recipient_ids = tuple(dict.fromkeys(d.device_id for d in recipients if d.device_id != me.device_id))
+        envelope_id = os.urandom(16)
+        case = case_id or os.urandom(16)
+        now = _now()
+        manifest = Manifest(
+            kind=kind,
+            case_id=case,
+            envelope_id=envelope_id,
+            created=now,
+            sender=Sender(sign_key=me.sign_key, enc_key=me.enc_key, rpps=profile.rpps, name=profile.name),
+            recipients=recipient_ids,
+            files=tuple(entries),
+            body=body,
+        )
+        raw, sig = sign_manifest(manifest, keys.signing_key)
+        age_recipients = [d.recipient for d in recipients if d.device_id in recipient_ids] + [me.recipient]
+        home.envelopes.mkdir(parents=True, exist_ok=True)
+        ct_path = home.envelopes / f"{envelope_id.hex()}.age"
+        size, digest = await asyncio.to_thread(
+            _encrypt_bundle, ct_path, age_recipients, raw, sig, list(zip(entries, files, strict=True))
+        )
+        header = EnvelopeHeader(
+            id=envelope_id, sender=me.device_id, to=recipient_ids, created=now,
+            expires=now + lifetime, size=size, sha256=digest,
+        )
+        signed = seal_header(header, keys.signing_key)
+        atomic_write(home.envelopes / f"{envelope_id.hex()}.prefix", signed.prefix, mode=0o600)
+        state = await r.upload(envelope_id, signed.prefix, ct_path, progress=progress)
+    home.record(
+        id=envelope_id.hex(), case_id=case.hex(), direction="sent", kind=kind,
+        peer_rpps=",".join(p["rpps"] for p in peers), peer_name=", ".join(p["name"] for p in peers),
+        subject=str(body.get("subject", "")), created=now,
+        relay_received_at=state.get("received_at"),
+        in_reply_to=body["in_reply_to"].hex() if "in_reply_to" in body else None,
+    )
+    return SentEnvelope(
+        envelope_id=envelope_id.hex(), case_id=case.hex(), to=peers, size=size,
+        received_at=state.get("received_at"), first_contacts=first_contacts,
+    )
+
+
+class _HashingWriter:
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.h.update(data)
+        self.n += len(data)
+        return len(data)
+
+
+def _encrypt_bundle(
+    path: Path,
+    recipients: list[age.X25519Recipient],
+    manifest: bytes,
+    sig: bytes,
+    files: list[tuple[FileEntry, Path]],
+) -> tuple[int, bytes]:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as raw:
+        out = _HashingWriter(raw)
+        with age.EncryptWriter(out, recipients) as enc:
+            handles = [(e, p.open("rb")) for e, p in files]
+            try:
+                write_bundle(enc, manifest, sig, handles)
+            finally:
+                for _, h in handles:
+                    h.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    tmp.replace(path)
+    return out.n, out.h.digest()
+
+
+class _relay:  # noqa: N801 - used as a context manager helper
+    """Reuse a caller's RelayClient, or open one for this call."""
+
+    def __init__(self, profile: Profile, keys: DeviceKeys, given: RelayClient | None) -> None:
+        self._given = given
+        self._own = None if given else RelayClient(profile.relay, keys)
+
+    async def __aenter__(self) -> RelayClient:
+        if self._given is not None:
+            return self._given
+        assert self._own is not None
+        return await self._own.__aenter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._own is not None:
+            await self._own.__aexit__(*exc)
+
+
+# -- receiving ---------------------------------------------------------------------------------
+
+
+async def inbox(home: Home, keys: DeviceKeys, *, relay: RelayClient | None = None) -> list[dict[str, Any]]:
+    profile = _session(home)
+    async with _relay(profile, keys, relay) as r:
+        entries = await r.inbox()
+    for e in entries:
+        pinned = home.pinned(e.get("from_rpps", "")) or {}
+        e["known_sender"] = e.get("from") in pinned
+    return entries
+
+
+async def _find(r: RelayClient, envelope_id: str) -> dict[str, Any]:
+    """An inbox entry by full id or unique prefix (people type the first characters)."""
+    entries = await r.inbox()
+    matches = [e for e in entries if e["id"].startswith(envelope_id.lower())]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ClientError(f"no envelope {envelope_id!r} waiting in your inbox (see `pli inbox`)")
+    raise ClientError(f"{envelope_id!r} matches {len(matches)} envelopes: type more characters")
+
+
+async def open_envelope(
+    home: Home,
+    keys: DeviceKeys,
+    envelope_id: str,
+    *,
+    progress: Progress | None = None,
+    relay: RelayClient | None = None,
+    acknowledge: bool = True,
+) -> OpenedEnvelope:
+    """Download, verify, decrypt and file one envelope, then acknowledge it to the relay."""
+    profile = _session(home)
+    async with _relay(profile, keys, relay) as r:
+        entry = await _find(r, envelope_id)
+        eid = bytes.fromhex(entry["id"])
+        prefix_path = home.envelopes / f"{eid.hex()}.prefix"
+        age_path = home.envelopes / f"{eid.hex()}.age"
+        await _download(r, eid, prefix_path, age_path, progress)
+        signed, _ = split_prefix(prefix_path.read_bytes()) or (None, 0)
+        if signed is None:
+            raise DecodeError("the downloaded envelope is cut short")
+        # Who sent it: the relay says which device; the directory and our pins say whose.
+        dev_info = await r.device(bytes.fromhex(entry["from"]))
+        sender = _record_from_json(dev_info)
+        if sender.device_id.hex() != entry["from"] or dev_info.get("rpps") != entry.get("from_rpps"):
+            raise BundleError("the relay's answers about the sender disagree")
+        _info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
+        if sender.device_id not in {d.device_id for d in devices} and not dev_info.get("revoked"):
+            raise BundleError("the sending device is not listed for its practitioner")
+        header = signed.verify(sender.verify_key)
+        if header.id != eid:
+            raise BundleError("the envelope carries another id than the one asked for")
+        if keys.device_id not in header.to:
+            raise NotARecipientError("this device is not a recipient of this envelope")
+        opened = await asyncio.to_thread(
+            _decrypt_bundle, home, keys, signed, header, sender, age_path
+        )
+        if opened.manifest.sender.rpps != dev_info["rpps"]:
+            raise BundleError("the bundle claims another practitioner than the sending device's")
+        if acknowledge:
+            await r.ack(eid)
+    m = opened.manifest
+    result = OpenedEnvelope(
+        envelope_id=eid.hex(), case_id=m.case_id.hex(), kind=m.kind, sender_rpps=m.sender.rpps,
+        sender_name=m.sender.name, sender_fingerprint=sender.fingerprint, created=m.created,
+        relay_received_at=entry.get("received_at"), folder=str(opened.folder),
+        body={k: (v.hex() if isinstance(v, bytes) else v) for k, v in m.body.items()},
+        files=[{"name": f.name, "type": f.media_type, "size": f.size, "sha256": f.sha256.hex()} for f in m.files],
+        first_contact=first,
+    )
+    home.record(
+        id=eid.hex(), case_id=m.case_id.hex(), direction="received", kind=m.kind,
+        peer_rpps=m.sender.rpps, peer_name=m.sender.name, subject=str(m.body.get("subject", "")),
+        created=m.created, relay_received_at=entry.get("received_at"), opened_at=_now(),
+        in_reply_to=m.body["in_reply_to"].hex() if "in_reply_to" in m.body else None,
+        folder=str(opened.folder),
+    )
+    atomic_write(opened.folder / "envelope.json", json.dumps(result.__dict__, indent=2, ensure_ascii=False).encode())
+    return result
+
+
+async def _download(
+    r: RelayClient, eid: bytes, prefix_path: Path, age_path: Path, progress: Progress | None
+) -> None:
+    """Fetch the envelope as ``<id>.prefix`` + ``<id>.age`` (so `age -d` opens the archive),
+    resuming a cut download from the ``.age.part`` it left."""
+    if prefix_path.exists() and age_path.exists():
+        return
+    part = age_path.with_name(age_path.name + ".part")
+    prefix_path.parent.mkdir(parents=True, exist_ok=True)
+    have_prefix = prefix_path.read_bytes() if prefix_path.exists() else b""
+    offset = len(have_prefix) + part.stat().st_size if have_prefix and part.exists() else 0
+    buf = bytearray()
+    out = part.open("ab" if offset else "wb")
+
+    def sink(chunk: bytes) -> None:
+        if offset or prefix_path.exists():
+            out.write(chunk)
+            return
+        buf.extend(chunk)
+        split = split_prefix(buf)
+        if split is not None:
+            _, used = split
+            atomic_write(prefix_path, bytes(buf[:used]))
+            out.write(buf[used:])
+            buf.clear()
+
+    try:
+        await r.download(eid, sink, offset=offset, progress=progress)
+        out.flush()
+        os.fsync(out.fileno())
+    finally:
+        out.close()
+    if not prefix_path.exists():
+        raise DecodeError("the relay sent less than an envelope header")
+    part.replace(age_path)
+
+
+class _Opened:
+    def __init__(self, manifest: Manifest, folder: Path) -> None:
+        self.manifest = manifest
+        self.folder = folder
+
+
+class _HashingReader:
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self.f.read(n)
+        self.h.update(data)
+        self.n += len(data)
+        return data
+
+
+def _decrypt_bundle(
+    home: Home, keys: DeviceKeys, signed: SignedHeader, header: EnvelopeHeader,
+    sender: DevicePublic, age_path: Path,
+) -> _Opened:
+    staging = home.cases / f".incoming-{header.id.hex()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "files").mkdir(parents=True)
+    try:
+        with age_path.open("rb") as raw:
+            src = _HashingReader(raw)
+            reader = BundleReader(
+                age.DecryptReader(src, [keys.identity]), sender=sender, envelope=header, me=keys.device_id
+            )
+            for entry, stream in reader.files():
+                with (staging / "files" / entry.name).open("xb") as out:
+                    while chunk := stream.read(_COPY):
+                        out.write(chunk)
+            reader.finish()
+            if src.n != header.size or not hmac.compare_digest(src.h.digest(), header.sha256):
+                raise BundleError("the ciphertext does not match its signed header")  # noqa: TRY301
+        (staging / "manifest").write_bytes(reader.manifest_bytes)
+        (staging / "manifest.sig").write_bytes(reader.signature)
+        (staging / "envelope.prefix").write_bytes(signed.prefix)
+        folder = home.cases / reader.manifest.case_id.hex() / header.id.hex()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.replace(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _Opened(reader.manifest, folder)
+
+
+async def reply(
+    home: Home,
+    keys: DeviceKeys,
+    envelope_id: str,
+    *,
+    text: str,
+    files: list[Path],
+    progress: Progress | None = None,
+    relay: RelayClient | None = None,
+) -> SentEnvelope:
+    """Answer a received envelope: same case, to the practitioner who sent it."""
+    matches = [h for h in home.history() if h["id"].startswith(envelope_id.lower()) and h["direction"] == "received"]
+    if len(matches) != 1:
+        raise ClientError(
+            f"no single opened envelope matches {envelope_id!r}: open it first with `pli open`"
+            if not matches else f"{envelope_id!r} matches several envelopes: type more characters"
+        )
+    original = matches[0]
+    return await send(
+        home, keys, to=[original["peer_rpps"]], kind="reply",
+        body={"in_reply_to": bytes.fromhex(original["id"]), "text": text},
+        files=files, case_id=bytes.fromhex(original["case_id"]), progress=progress, relay=relay,
+    )
+
+
+ProgressFactory = Callable[[str], Progress | None]

@@ -1,0 +1,219 @@
+"""A practitioner's Pli folder on their own machine: keys, profile, pins, case store.
+
+Layout (``PLI_HOME``, default ``~/.pli``)::
+
+    device.key        private keys sealed under the passphrase (SPEC.md §3.4)
+    profile.json      relay URL, device id, who this device speaks for
+    pins.json         the keys seen for each correspondent (trust on first use)
+    store.sqlite3     the local case store: every envelope sent or received
+    envelopes/        every envelope sent or received, encrypted, as the archive
+    cases/<case>/<envelope>/   opened bundles: the files, manifest and signature
+
+Nothing here ever goes to the relay except public keys and ciphertext.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import PliError
+from protocol.keys import DeviceKeys, DevicePublic
+
+__all__ = ["Home", "KeyChangedError", "Profile", "atomic_write"]
+
+
+class HomeError(PliError):
+    code = "home"
+
+
+class KeyChangedError(PliError):
+    """A correspondent's keys differ from the ones pinned: possibly a relay swapping keys."""
+
+    code = "key_changed"
+
+
+@dataclass
+class Profile:
+    relay: str = ""
+    device_id: str = ""
+    rpps: str = ""
+    name: str = ""
+    profession: str = ""
+    specialty: str = ""
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Write via a temporary file, fsync and rename: a crash leaves the old file or the new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).chmod(mode)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_STORE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envelopes (
+    id TEXT PRIMARY KEY,
+    case_id TEXT NOT NULL,
+    direction TEXT NOT NULL CHECK (direction IN ('sent', 'received')),
+    kind TEXT NOT NULL,
+    peer_rpps TEXT NOT NULL,
+    peer_name TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    relay_received_at INTEGER,
+    opened_at INTEGER,
+    in_reply_to TEXT,
+    folder TEXT
+);
+CREATE INDEX IF NOT EXISTS envelopes_case ON envelopes(case_id, created);
+"""
+
+
+class Home:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def default(cls) -> Home:
+        return cls(Path(os.environ.get("PLI_HOME") or Path.home() / ".pli"))
+
+    # -- paths ---------------------------------------------------------------------------
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "device.key"
+
+    @property
+    def envelopes(self) -> Path:
+        return self.root / "envelopes"
+
+    @property
+    def cases(self) -> Path:
+        return self.root / "cases"
+
+    def exists(self) -> bool:
+        return self.key_file.exists()
+
+    # -- keys and profile ----------------------------------------------------------------
+
+    def create(self, keys: DeviceKeys, passphrase: bytes, *, fast_kdf: bool = False) -> None:
+        if self.exists():
+            raise HomeError(f"{self.root} already holds a device key; refusing to overwrite it")
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kw: dict[str, int] = {}
+        if fast_kdf:  # for tests and the demo only: the minimum Argon2id cost libsodium allows
+            import nacl.pwhash  # noqa: PLC0415
+
+            kw = {"opslimit": nacl.pwhash.argon2id.OPSLIMIT_MIN, "memlimit": nacl.pwhash.argon2id.MEMLIMIT_MIN}
+        atomic_write(self.key_file, keys.seal(passphrase, **kw))
+        self.save_profile(Profile(device_id=keys.device_id.hex()))
+
+    def unlock(self, passphrase: bytes) -> DeviceKeys:
+        if not self.exists():
+            raise HomeError(f"no device key in {self.root}: run `pli init` first")
+        return DeviceKeys.unseal(self.key_file.read_bytes(), passphrase)
+
+    def profile(self) -> Profile:
+        path = self.root / "profile.json"
+        if not path.exists():
+            return Profile()
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Profile(**{k: v for k, v in data.items() if k in Profile.__dataclass_fields__})
+
+    def save_profile(self, profile: Profile) -> None:
+        atomic_write(self.root / "profile.json", json.dumps(asdict(profile), indent=2).encode())
+
+    # -- pins (trust on first use, loud on change) ----------------------------------------
+
+    def _pins(self) -> dict[str, Any]:
+        path = self.root / "pins.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    def pinned(self, rpps: str) -> dict[str, str] | None:
+        """Device id (hex) → fingerprint pinned for this practitioner, or None if never seen."""
+        entry = self._pins().get(rpps)
+        return dict(entry["devices"]) if entry else None
+
+    def check_pins(self, rpps: str, devices: list[DevicePublic]) -> bool:
+        """Compare a directory answer with the pins. True if this is a first contact (now pinned).
+
+        A device that disappeared (revoked) is dropped silently: fewer recipients is
+        safe. A new or changed key is refused until the user checks it and runs
+        ``pli trust``: the relay could otherwise add its own key and read what follows.
+
+        Raises:
+            KeyChangedError: a device or key differs from the pins.
+        """
+        seen = {d.device_id.hex(): d.fingerprint for d in devices}
+        pinned = self.pinned(rpps)
+        if pinned is None:
+            self.pin(rpps, devices)
+            return True
+        new = {k: v for k, v in seen.items() if pinned.get(k) != v}
+        if new:
+            lines = ", ".join(f"{k[:8]}… ({v})" for k, v in new.items())
+            raise KeyChangedError(
+                f"the keys of RPPS {rpps} changed since you last exchanged with them: {lines}. "
+                f"Check the fingerprint with the practitioner (by phone, in person), then run "
+                f"`pli trust {rpps}`."
+            )
+        if set(seen) != set(pinned):
+            self.pin(rpps, devices)
+        return False
+
+    def pin(self, rpps: str, devices: list[DevicePublic]) -> None:
+        pins = self._pins()
+        pins[rpps] = {
+            "devices": {d.device_id.hex(): d.fingerprint for d in devices},
+            "pinned_at": int(time.time()),
+        }
+        atomic_write(self.root / "pins.json", json.dumps(pins, indent=2, sort_keys=True).encode())
+
+    # -- local case store ----------------------------------------------------------------
+
+    @contextmanager
+    def store(self) -> Iterator[sqlite3.Connection]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.root / "store.sqlite3")
+        try:
+            db.executescript(_STORE_SCHEMA)
+            db.row_factory = sqlite3.Row
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def record(self, **row: Any) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.store() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO envelopes ({cols}) VALUES ({marks})",  # noqa: S608 - our keys
+                tuple(row.values()),
+            )
+
+    def known(self, envelope_id: str) -> dict[str, Any] | None:
+        with self.store() as db:
+            row = db.execute("SELECT * FROM envelopes WHERE id = ?", (envelope_id,)).fetchone()
+            return dict(row) if row else None
+
+    def history(self) -> list[dict[str, Any]]:
+        with self.store() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM envelopes ORDER BY created, id")]

@@ -1,0 +1,456 @@
+"""Bundle v1: what is inside an envelope's encryption (SPEC.md §6).
+
+A bundle is a POSIX tar (pax format, deterministic) so that
+``age -d -i key envelope.age | tar x`` recovers everything with standard tools,
+twenty years from now, without Pli. Its members, in this order and no others:
+
+1. ``pli/manifest``      canonical msgpack: ids, kind, sender, recipients, files, body
+2. ``pli/manifest.sig``  64 bytes: Ed25519 by the sender over
+                         "pli/bundle/v1" || 0x00 || manifest bytes
+3. ``files/<name>``      each file listed in the manifest, in manifest order
+
+then zero bytes up to the Padmé length, so the ciphertext size leaks little.
+
+The signature sits inside the encryption and covers the sender's keys, every
+recipient device id, the envelope and case ids and the time: a recipient cannot
+re-encrypt a signed bundle to a third party and pass it off as sent to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.signing
+
+from protocol import codec
+from protocol.age import SupportsRead, SupportsWrite
+from protocol.envelope import ID_SIZE, EnvelopeHeader
+from protocol.errors import BundleError, DecodeError, LimitError, NotARecipientError
+from protocol.keys import CTX_BUNDLE, DEVICE_ID_SIZE, DevicePublic, device_id_of, sign, verify
+
+__all__ = [
+    "KINDS",
+    "MAX_FILES",
+    "BundleReader",
+    "FileEntry",
+    "Manifest",
+    "Sender",
+    "padme",
+    "sign_manifest",
+    "write_bundle",
+]
+
+KINDS = ("request", "reply")
+MAX_FILES = 256
+MAX_MANIFEST = 1 << 20
+MAX_TEXT = 256 * 1024
+MAX_NAME = 255
+MIN_PADDED = 4096
+_COPY = 1 << 16
+
+MEMBER_MANIFEST = "pli/manifest"
+MEMBER_SIGNATURE = "pli/manifest.sig"
+FILES_DIR = "files/"
+
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
+_BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+_MANIFEST_LIMITS = codec.Limits(
+    max_size=MAX_MANIFEST, max_str=MAX_TEXT, max_bin=64, max_array=MAX_FILES, max_map=32
+)
+
+
+def padme(length: int) -> int:
+    """Padmé padding (Nikitin et al., PETS 2019): leaks O(log log L) bits of the size.
+
+    Sizes under ``MIN_PADDED`` all pad to ``MIN_PADDED``.
+    """
+    length = max(length, MIN_PADDED)
+    e = length.bit_length() - 1
+    s = e.bit_length()
+    mask = (1 << (e - s)) - 1
+    return (length + mask) & ~mask
+
+
+def check_file_name(name: str) -> None:
+    """Refuse a name that could escape the destination folder or confuse a person.
+
+    Raises:
+        DecodeError: the name is empty, too long, ``.``/``..``, or holds a slash,
+            a backslash or a control character.
+    """
+    if not name or name in {".", ".."} or name != name.strip():
+        raise DecodeError(f"file name {name!r} is not allowed")
+    if len(name.encode("utf-8")) > MAX_NAME:
+        raise LimitError(f"file name over {MAX_NAME} bytes")
+    if _BAD_NAME_CHARS.search(name):
+        raise DecodeError(f"file name {name!r} holds a slash or a control character")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One attached file as the manifest lists it."""
+
+    name: str
+    media_type: str
+    size: int
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        check_file_name(self.name)
+        if not _MEDIA_TYPE.fullmatch(self.media_type):
+            raise DecodeError(f"media type {self.media_type!r} is not valid")
+        if self.size < 0 or len(self.sha256) != 32:
+            raise DecodeError("file entry: bad size or hash")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.media_type, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_obj(cls, obj: object) -> FileEntry:
+        r = codec.MapReader(obj, "manifest file")
+        e = cls(
+            name=r.str_("name", max_len=MAX_NAME),
+            media_type=r.str_("type", max_len=128),
+            size=r.int_("size"),
+            sha256=r.bytes_("sha256", size=32),
+        )
+        r.done()
+        return e
+
+
+@dataclass(frozen=True)
+class Sender:
+    """The sending device's keys and the practitioner it speaks for (checked by the recipient
+    against the relay's directory and its own pins, not trusted from here alone)."""
+
+    sign_key: bytes
+    enc_key: bytes
+    rpps: str
+    name: str
+
+    @property
+    def device_id(self) -> bytes:
+        return device_id_of(self.sign_key)
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"sign_key": self.sign_key, "enc_key": self.enc_key, "rpps": self.rpps, "name": self.name}
+
+    @classmethod
+    def from_obj(cls, obj: object) -> Sender:
+        r = codec.MapReader(obj, "manifest sender")
+        s = cls(
+            sign_key=r.bytes_("sign_key", size=32),
+            enc_key=r.bytes_("enc_key", size=32),
+            rpps=r.str_("rpps", max_len=16),
+            name=r.str_("name", max_len=256),
+        )
+        r.done()
+        return s
+
+
+# Body fields per kind (SPEC.md §6.3): name -> (type, required)
+_BODY_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
+    "request": {"subject": (str, True), "patient": (str, True), "text": (str, True)},
+    "reply": {"in_reply_to": (bytes, True), "text": (str, True)},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """The signed description of a bundle. Its invariants are checked at construction."""
+
+    kind: str
+    case_id: bytes
+    envelope_id: bytes
+    created: int
+    sender: Sender
+    recipients: tuple[bytes, ...]
+    files: tuple[FileEntry, ...]
+    body: dict[str, Any] = field(hash=False)
+
+    def __post_init__(self) -> None:  # noqa: C901, PLR0912 - one check per invariant, in SPEC order
+        if self.kind not in KINDS:
+            raise DecodeError(f"unknown bundle kind {self.kind!r}")
+        if len(self.case_id) != ID_SIZE or len(self.envelope_id) != ID_SIZE:
+            raise DecodeError("case and envelope ids are 16 bytes")
+        if not self.recipients or any(len(r) != DEVICE_ID_SIZE for r in self.recipients):
+            raise DecodeError("manifest recipients must be 16-byte device ids")
+        if len(set(self.recipients)) != len(self.recipients):
+            raise DecodeError("a recipient is listed twice")
+        if len(self.files) > MAX_FILES:
+            raise LimitError(f"over {MAX_FILES} files")
+        names = [f.name.casefold() for f in self.files]
+        if len(set(names)) != len(names):
+            raise DecodeError("two files have the same name")
+        schema = _BODY_SCHEMA[self.kind]
+        for key, value in self.body.items():
+            if key not in schema:
+                raise DecodeError(f"{self.kind} body: unknown field {key!r}")
+            if not isinstance(value, schema[key][0]):
+                raise DecodeError(f"{self.kind} body: field {key!r} has the wrong type")
+        for key, (_, required) in schema.items():
+            if required and key not in self.body:
+                raise DecodeError(f"{self.kind} body: field {key!r} is missing")
+        if self.kind == "reply" and len(self.body["in_reply_to"]) != ID_SIZE:
+            raise DecodeError("reply body: in_reply_to is a 16-byte envelope id")
+        if any(isinstance(v, str) and len(v.encode()) > MAX_TEXT for v in self.body.values()):
+            raise LimitError("body text over the limit")
+
+    def to_bytes(self) -> bytes:
+        return codec.encode(
+            {
+                "v": 1,
+                "kind": self.kind,
+                "case": self.case_id,
+                "envelope": self.envelope_id,
+                "created": self.created,
+                "sender": self.sender.to_obj(),
+                "recipients": list(self.recipients),
+                "files": [f.to_obj() for f in self.files],
+                "body": self.body,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        """Decode manifest bytes; call only on bytes whose signature was verified.
+
+        Raises:
+            DecodeError, LimitError, VersionError: not a valid v1 manifest.
+        """
+        r = codec.MapReader(codec.decode(data, limits=_MANIFEST_LIMITS), "manifest")
+        codec.expect_version(r, (1,))
+        recipients = r.list_("recipients", max_items=64)
+        if not all(isinstance(x, bytes) for x in recipients):
+            raise DecodeError("manifest recipients must be byte strings")
+        body = r.raw("body")
+        if not isinstance(body, dict):
+            raise DecodeError("manifest body must be a map")
+        m = cls(
+            kind=r.str_("kind", max_len=32),
+            case_id=r.bytes_("case", size=ID_SIZE),
+            envelope_id=r.bytes_("envelope", size=ID_SIZE),
+            created=r.int_("created"),
+            sender=Sender.from_obj(r.raw("sender")),
+            recipients=tuple(recipients),
+            files=tuple(FileEntry.from_obj(f) for f in r.list_("files", max_items=MAX_FILES)),
+            body=body,
+        )
+        r.done()
+        return m
+
+
+def sign_manifest(manifest: Manifest, key: nacl.signing.SigningKey) -> tuple[bytes, bytes]:
+    """Return the manifest bytes and the sender's signature over them."""
+    if bytes(key.verify_key) != manifest.sender.sign_key:
+        raise BundleError("the manifest names another sender than the signing key")
+    raw = manifest.to_bytes()
+    return raw, sign(key, CTX_BUNDLE, raw)
+
+
+class _Counter:
+    """Counts what tarfile writes, so padding can follow without knowing sizes ahead."""
+
+    def __init__(self, dst: SupportsWrite) -> None:
+        self.dst = dst
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.dst.write(data)
+        self.count += len(data)
+        return len(data)
+
+
+class _HashingReader:
+    """Reads exactly ``entry.size`` bytes and checks them against the manifest hash.
+
+    On the sending side this catches a file that changed between hashing and sending;
+    on the receiving side, a file that does not match what the sender signed.
+    """
+
+    def __init__(self, src: SupportsRead, entry: FileEntry, what: str) -> None:
+        self._src = src
+        self._entry = entry
+        self._what = what
+        self._h = hashlib.sha256()
+        self._n = 0
+        self._checked = False
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._entry.size - self._n if n < 0 else min(n, self._entry.size - self._n)
+        data = self._src.read(want) if want > 0 else b""
+        self._h.update(data)
+        self._n += len(data)
+        if not data and not self._checked:
+            self._check()
+        return data
+
+    def _check(self) -> None:
+        self._checked = True
+        if self._n != self._entry.size or not hmac.compare_digest(
+            self._h.digest(), self._entry.sha256
+        ):
+            raise BundleError(f"file {self._entry.name!r} {self._what}")
+
+    def drain(self) -> None:
+        while self.read(_COPY):
+            pass
+        if not self._checked:
+            self._check()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_bundle(
+    dst: SupportsWrite,
+    manifest_bytes: bytes,
+    signature: bytes,
+    files: Iterable[tuple[FileEntry, SupportsRead]],
+) -> int:
+    """Write the bundle's tar and padding to ``dst`` (usually an age EncryptWriter).
+
+    Streams: memory stays flat whatever the files' sizes. Returns the plaintext size.
+
+    Raises:
+        BundleError: a file's bytes no longer match its manifest entry.
+    """
+    counter = _Counter(dst)
+    with tarfile.open(fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        tar.addfile(_tarinfo(MEMBER_MANIFEST, len(manifest_bytes)), _BytesReader(manifest_bytes))
+        tar.addfile(_tarinfo(MEMBER_SIGNATURE, len(signature)), _BytesReader(signature))
+        for entry, src in files:
+            reader = _HashingReader(src, entry, "changed while it was being sent")
+            tar.addfile(_tarinfo(FILES_DIR + entry.name, entry.size), reader)
+            reader.drain()
+    total = counter.count
+    pad = padme(total) - total
+    zeros = bytes(min(pad, _COPY))
+    while pad:
+        n = min(pad, len(zeros))
+        dst.write(zeros[:n])
+        pad -= n
+    return padme(total)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        chunk = self._data[self._pos : end]
+        self._pos += len(chunk)
+        return chunk
+
+
+class BundleReader:
+    """Reads a decrypted bundle as a stream: verify first, then release files.
+
+    On construction it reads the manifest and its signature, verifies the signature
+    with the *expected* sender's key (the device the relay authenticated as the
+    envelope's sender), and only then decodes the manifest and checks it against the
+    envelope: same envelope id, same recipients, this device among them (or the sender
+    rereading). ``files()`` yields each file as a reader that checks size and SHA-256
+    at its end; ``finish()`` checks nothing follows and reads the padding to the end,
+    so the age stream is authenticated through its final chunk.
+    """
+
+    def __init__(
+        self,
+        plaintext: SupportsRead,
+        *,
+        sender: DevicePublic,
+        envelope: EnvelopeHeader,
+        me: bytes,
+    ) -> None:
+        self._src = plaintext
+        try:
+            self._tar = tarfile.open(fileobj=plaintext, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - lives as long as the reader
+            raw = self._member(MEMBER_MANIFEST, max_size=MAX_MANIFEST)
+            sig = self._member(MEMBER_SIGNATURE, max_size=64)
+        except tarfile.TarError as e:
+            raise BundleError(f"not a valid bundle container: {e}") from e
+        verify(sender.verify_key, CTX_BUNDLE, raw, sig)
+        m = Manifest.from_bytes(raw)
+        if m.sender.sign_key != sender.sign_key or m.sender.enc_key != sender.enc_key:
+            raise BundleError("the bundle names another sender than the envelope's")
+        if m.envelope_id != envelope.id:
+            raise BundleError("the bundle was signed for another envelope")
+        if m.sender.device_id != envelope.sender:
+            raise BundleError("the envelope was sent by another device than the bundle's signer")
+        if set(m.recipients) != set(envelope.to):
+            raise BundleError("the bundle's signed recipients differ from the envelope's")
+        if me not in m.recipients and me != m.sender.device_id:
+            raise NotARecipientError("this device is not among the bundle's signed recipients")
+        self.manifest = m
+        self.manifest_bytes = raw
+        self.signature = sig
+
+    def _member(self, name: str, *, max_size: int) -> bytes:
+        info = self._tar.next()
+        if info is None or info.name != name or not info.isreg():
+            raise BundleError(f"bundle member {name!r} expected")
+        if info.size > max_size:
+            raise LimitError(f"bundle member {name!r} over {max_size} bytes")
+        f = self._tar.extractfile(info)
+        if f is None:
+            raise BundleError(f"bundle member {name!r} unreadable")
+        data: bytes = f.read()
+        if len(data) != info.size:
+            raise BundleError(f"bundle member {name!r} is truncated")
+        return data
+
+    def files(self) -> Iterator[tuple[FileEntry, SupportsRead]]:
+        """Yield each file with a reader; read each to its end before the next."""
+        for entry in self.manifest.files:
+            try:
+                info = self._tar.next()
+            except tarfile.TarError as e:
+                raise BundleError(f"bundle container broken before {entry.name!r}: {e}") from e
+            if info is None or info.name != FILES_DIR + entry.name or not info.isreg():
+                raise BundleError(f"bundle member for {entry.name!r} missing or out of order")
+            if info.size != entry.size:
+                raise BundleError(f"file {entry.name!r} has another size than signed")
+            f = self._tar.extractfile(info)
+            if f is None:
+                raise BundleError(f"bundle member {entry.name!r} unreadable")
+            reader = _HashingReader(f, entry, "does not match the sender's signed hash")
+            yield entry, reader
+            reader.drain()
+
+    def finish(self) -> None:
+        """Refuse anything after the last file; read the zero padding to the age stream's end.
+
+        Raises:
+            BundleError: an extra member or non-zero padding.
+            DecryptError: (from the age reader) the stream was cut or altered.
+        """
+        try:
+            extra = self._tar.next()
+        except tarfile.TarError as e:
+            raise BundleError(f"bundle container broken at its end: {e}") from e
+        if extra is not None:
+            raise BundleError(f"unexpected bundle member {extra.name!r}")
+        while True:
+            chunk = self._src.read(_COPY)
+            if not chunk:
+                break
+            if chunk.count(0) != len(chunk):
+                raise BundleError("bundle padding is not zero")

@@ -1,0 +1,200 @@
+"""The relay's aiohttp application: factory, typed state, middlewares.
+
+``create_app(cfg)`` builds everything; storage and background tasks live in
+``cleanup_ctx`` so a test and the CLI start and stop the relay the same way.
+Two middlewares wrap every handler: ``problem_middleware`` turns every refusal into
+``application/problem+json`` (and logs one canonical line per request), and
+``auth_middleware`` authenticates the request (SPEC.md §8) before any handler runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import nacl.signing
+import structlog
+from aiohttp import web
+
+from protocol import httpsig
+from protocol.errors import AuthError, PliError
+from relay.blobs import BlobStore
+from relay.config import RelayConfig
+from relay.errors import RelayError
+from relay.storage import Device, Storage
+
+__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "STORAGE", "create_app"]
+
+log = structlog.get_logger("pli.relay")
+
+CONFIG = web.AppKey("config", RelayConfig)
+STORAGE = web.AppKey("storage", Storage)
+BLOBS = web.AppKey("blobs", BlobStore)
+CLOCK: web.AppKey[Callable[[], int]] = web.AppKey("clock")
+UPLOAD_LOCKS: web.AppKey[dict[bytes, asyncio.Lock]] = web.AppKey("upload_locks")
+
+#: request key under which the authenticated device is stored
+DEVICE = "pli.device"
+#: request key for the verified Content-Digest (32 bytes)
+DIGEST = "pli.digest"
+
+PUBLIC_ROUTES = frozenset({"health", "enroll"})
+_KEYID = re.compile(r'keyid="([0-9a-f]{32})"')
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(status: int, code: str, detail: str, **extra: Any) -> web.Response:
+    """An RFC 9457 problem document; ``code`` is the stable machine-readable part."""
+    body = {
+        "type": f"https://pli.invalid/errors/{code}",
+        "title": code.replace("_", " "),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    resp = web.json_response(body, status=status, content_type="application/problem+json")
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Signature realm="pli"'
+    return resp
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = uuid.uuid4().hex[:16]
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    try:
+        resp = await handler(request)
+    except RelayError as e:
+        resp = problem(e.status, e.code, e.message, **e.extra)
+    except PliError as e:
+        resp = problem(e.status, e.code, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "malformed")
+        resp = problem(e.status, code, e.reason)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("internal_error", method=request.method, route=_route_name(request))
+        resp = problem(500, "internal", "the relay failed; the request was not applied")
+    device = request.get(DEVICE)
+    log.info(
+        "request",
+        method=request.method,
+        route=_route_name(request),
+        status=resp.status,
+        device=device.device_id.hex() if device else None,
+        ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return resp
+
+
+def _route_name(request: web.Request) -> str:
+    # The route's name, never its path: paths hold ids, and logs should not hold more
+    # than they need.
+    info = request.match_info.route
+    return info.name or "unmatched"
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.match_info.route.name in PUBLIC_ROUTES or request.match_info.http_exception:
+        return await handler(request)
+    app = request.app
+    cfg = app[CONFIG]
+    storage = app[STORAGE]
+    now = app[CLOCK]()
+    m = _KEYID.search(request.headers.get("Signature-Input", "")[:1024])
+    device: Device | None = None
+    if m:
+        device = await storage.device(bytes.fromhex(m.group(1)))
+
+    def resolve(keyid: str) -> nacl.signing.VerifyKey:
+        if device is None or device.device_id.hex() != keyid or device.revoked is not None:
+            raise AuthError("unknown or revoked device")
+        return nacl.signing.VerifyKey(device.sign_key)
+
+    url = request.url
+    verified = httpsig.verify_request(
+        method=request.method,
+        authority=httpsig.authority(url.host or "", url.port, request.scheme),
+        path=url.raw_path,
+        query=url.raw_query_string,
+        headers=request.headers,
+        resolve_key=resolve,
+        now=now,
+        max_skew=cfg.max_skew,
+    )
+    assert device is not None  # resolve() raised otherwise
+    if not await storage.use_nonce(device.device_id, verified.nonce, expires=verified.created + cfg.max_skew + 1):
+        raise AuthError("this request was already received (replay)", code="replayed_request")
+    request[DEVICE] = device
+    request[DIGEST] = verified.content_digest
+    return await handler(request)
+
+
+async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    cfg.data.mkdir(parents=True, exist_ok=True)
+    storage = await Storage.open(cfg.data / "relay.sqlite3")
+    blobs = BlobStore(cfg.data / "blobs")
+    app[STORAGE] = storage
+    app[BLOBS] = blobs
+    removed = blobs.sweep(await storage.live_envelope_ids())
+    if removed:
+        log.warning("startup_recovery", removed_orphan_blobs=len(removed))
+    yield
+    await storage.close()
+
+
+async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
+    from relay.routes import purge_once  # noqa: PLC0415 - routes imports this module
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(app[CONFIG].purge_interval)
+            try:
+                await purge_once(app)
+            except Exception:
+                log.exception("purge_failed")
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(cfg: RelayConfig, *, clock: Callable[[], int] | None = None) -> web.Application:
+    """Build a relay. ``clock`` (Unix seconds) is injectable for tests of expiry."""
+    from relay.routes import add_routes  # noqa: PLC0415 - routes imports this module
+
+    app = web.Application(
+        middlewares=[problem_middleware, auth_middleware],
+        client_max_size=cfg.max_request,
+    )
+    app[CONFIG] = cfg
+    app[CLOCK] = clock or (lambda: int(time.time()))
+    app[UPLOAD_LOCKS] = {}
+    app.cleanup_ctx.append(_storage_ctx)
+    app.cleanup_ctx.append(_purge_ctx)
+    add_routes(app)
+    return app

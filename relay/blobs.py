@@ -1,0 +1,100 @@
+"""Ciphertext blobs on disk: written under a temporary name, fsynced, renamed.
+
+A blob file holds the whole envelope (prefix then ciphertext), so a download is one
+``sendfile`` with range support. Uploads grow ``incoming/<id>.part``; only a complete,
+hash-checked upload is renamed to ``<aa>/<id>``, after an fsync of the file and of its
+folder, so a crash never leaves a half-written blob under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+from relay.errors import unavailable
+
+__all__ = ["BlobStore"]
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def final_path(self, envelope_id: bytes) -> Path:
+        h = envelope_id.hex()
+        return self.root / h[:2] / h
+
+    def part_path(self, envelope_id: bytes) -> Path:
+        return self.incoming / (envelope_id.hex() + ".part")
+
+    def open_part(self, envelope_id: bytes, prefix: bytes, *, new: bool) -> int:
+        """Open (or start) an upload's part file for appending; returns a raw fd."""
+        path = self.part_path(envelope_id)
+        try:
+            if new:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.write(fd, prefix)
+            else:
+                fd = os.open(path, os.O_WRONLY)
+        except OSError as e:
+            raise _storage_error(e) from e
+        return fd
+
+    @staticmethod
+    def write(fd: int, offset: int, data: bytes | memoryview) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            raise _storage_error(e) from e
+
+    def truncate(self, envelope_id: bytes, length: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.part_path(envelope_id), length)
+
+    def commit(self, envelope_id: bytes, fd: int) -> None:
+        """Make a complete part durable under its final name (blocking: run in a thread)."""
+        final = self.final_path(envelope_id)
+        try:
+            os.fsync(fd)
+            final.parent.mkdir(exist_ok=True)
+            self.part_path(envelope_id).replace(final)
+            for folder in (final.parent, self.incoming):
+                dfd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as e:
+            raise _storage_error(e) from e
+
+    def delete(self, envelope_id: bytes) -> None:
+        for path in (self.final_path(envelope_id), self.part_path(envelope_id)):
+            path.unlink(missing_ok=True)
+
+    def sweep(self, live: set[bytes]) -> list[str]:
+        """Remove files no live envelope owns (left by a crash); returns their names."""
+        removed = []
+        for path in self.root.glob("*/*"):
+            name = path.name.removesuffix(".part")
+            try:
+                eid = bytes.fromhex(name)
+            except ValueError:
+                continue
+            if eid not in live:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+
+def _storage_error(e: OSError) -> Exception:
+    if e.errno in {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}:
+        return unavailable("the relay cannot store envelopes right now; try again later")
+    return e

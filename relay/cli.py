@@ -1,0 +1,227 @@
+"""``pli-relay``: run a relay and administer it.
+
+Admin commands work on the relay's data folder directly (SQLite in WAL mode lets them
+run beside a serving relay), so no admin endpoint is exposed on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import structlog
+from aiohttp import web
+
+from protocol.errors import PliError
+from protocol.ids import check_rpps
+from relay.app import create_app
+from relay.config import ConfigError, RelayConfig, load_config
+from relay.storage import Practitioner, Storage
+
+__all__ = ["main"]
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def configure_logging(fmt: str = "auto") -> None:
+    """JSON lines off a terminal, key=value on one (STYLE §30); called once, here."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def new_invitation_code() -> str:
+    """20 Crockford base32 characters (100 random bits) in four groups of five."""
+    raw = "".join(secrets.choice(_CROCKFORD) for _ in range(20))
+    return "-".join(raw[i : i + 5] for i in range(0, 20, 5))
+
+
+def _config(ctx: click.Context, **overrides: Any) -> RelayConfig:
+    try:
+        return load_config(file=ctx.obj.get("config"), overrides=overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML file of settings (a [relay] table). Environment variables PLI_RELAY_* override it.")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """Run a Pli relay: it stores ciphertext envelopes between practitioners' devices and
+    never sees a patient's name, a photo, a question or an answer.
+
+    \b
+    Start:        pli-relay serve --data /var/lib/pli --listen 127.0.0.1:8470
+    Invite:       pli-relay invite --data /var/lib/pli --rpps 10000005479 \\
+                      --name "Dr Claire Martin" --profession médecin --specialty SM54
+    List devices: pli-relay devices --data /var/lib/pli
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+_data_option = click.option(
+    "--data", type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the database and blobs [env PLI_RELAY_DATA; default ./pli-relay-data].",
+)
+
+
+@cli.command()
+@_data_option
+@click.option("--listen", help="HOST:PORT; port 0 picks a free port [env PLI_RELAY_LISTEN; default 127.0.0.1:8470].")
+@click.pass_context
+def serve(ctx: click.Context, data: Path | None, listen: str | None) -> None:
+    """Serve the relay until SIGTERM or Ctrl-C, then finish requests in flight.
+
+    The first line on standard output is the URL it listens on, for scripts.
+    """
+    cfg = _config(ctx, data=data, listen=listen)
+    configure_logging(cfg.log_format)
+    try:
+        asyncio.run(_serve(cfg))
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {cfg.listen}: {e.strerror}") from e
+
+
+async def _serve(cfg: RelayConfig) -> None:
+    log = structlog.get_logger("pli.relay")
+    app = create_app(cfg)
+    runner = web.AppRunner(app, shutdown_timeout=cfg.shutdown_timeout, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
+    sockets = server.sockets if server else []
+    port = sockets[0].getsockname()[1] if sockets else cfg.port
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    url = f"http://{host}:{port}"
+    print(url, flush=True)
+    log.info("relay_started", url=url, data=str(cfg.data), max_request=cfg.max_request,
+             max_envelope=cfg.max_envelope)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("relay_stopping")
+    await runner.cleanup()
+    log.info("relay_stopped")
+
+
+def _with_storage(cfg: RelayConfig, fn: Any) -> Any:
+    async def run() -> Any:
+        cfg.data.mkdir(parents=True, exist_ok=True)
+        storage = await Storage.open(cfg.data / "relay.sqlite3")
+        try:
+            return await fn(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+@cli.command()
+@_data_option
+@click.option("--rpps", required=True, help="The practitioner's RPPS number (11 digits).")
+@click.option("--name", required=True, help='Name as colleagues know it, e.g. "Dr Claire Martin".')
+@click.option("--profession", required=True, help="médecin, sage-femme, infirmier, ...")
+@click.option("--specialty", default="", help="Specialty code or name, e.g. SM54 or dermatologie.")
+@click.option("--ttl", type=click.IntRange(60, 90 * 86400), help="Seconds the code stays valid [default 7 days].")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def invite(ctx: click.Context, data: Path | None, rpps: str, name: str, profession: str,
+           specialty: str, ttl: int | None, as_json: bool) -> None:
+    """Create a one-time enrolment code for a practitioner's device.
+
+    Give the code to the practitioner by a channel you trust (in person, by phone
+    after checking who is calling); they run `pli enroll URL CODE`.
+    """
+    cfg = _config(ctx, data=data)
+    try:
+        rpps = check_rpps(rpps)
+    except PliError as e:
+        raise click.BadParameter(e.message, param_hint="--rpps") from e
+    if not name.strip() or not profession.strip():
+        raise click.BadParameter("must not be empty", param_hint="--name/--profession")
+    code = new_invitation_code()
+    now = int(time.time())
+    expires = now + (ttl or cfg.invitation_ttl)
+    p = Practitioner(rpps=rpps, name=name.strip(), profession=profession.strip(), specialty=specialty.strip())
+    _with_storage(cfg, lambda s: s.create_invitation(p, code, now=now, expires=expires))
+    if as_json:
+        click.echo(json.dumps({"code": code, "rpps": rpps, "name": p.name, "expires": expires}))
+    else:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires))
+        click.echo(f"Invitation for {p.name} (RPPS {rpps}), single use, valid until {when}:")
+        click.echo(code)
+
+
+@cli.command()
+@_data_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def devices(ctx: click.Context, data: Path | None, as_json: bool) -> None:
+    """List enrolled devices with their practitioner and fingerprint."""
+    from protocol.keys import DevicePublic  # noqa: PLC0415
+
+    cfg = _config(ctx, data=data)
+    rows = _with_storage(cfg, lambda s: s.all_devices())
+    out = []
+    for d in rows:
+        pub = DevicePublic.from_record({"sign_key": d.sign_key, "cert": d.cert, "sig": d.sig})
+        out.append({"device_id": d.device_id.hex(), "rpps": d.rpps, "fingerprint": pub.fingerprint,
+                    "enrolled": d.enrolled, "revoked": d.revoked})
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    if not out:
+        click.echo("No device enrolled yet. Create an invitation with `pli-relay invite`.")
+    for o in out:
+        state = "revoked" if o["revoked"] else "active"
+        click.echo(f"{o['device_id']}  RPPS {o['rpps']}  {state}  {o['fingerprint']}")
+
+
+@cli.command()
+@_data_option
+@click.argument("device_id")
+@click.pass_context
+def revoke(ctx: click.Context, data: Path | None, device_id: str) -> None:
+    """Revoke a device (lost or stolen laptop): it is refused everywhere from now on."""
+    cfg = _config(ctx, data=data)
+    try:
+        raw = bytes.fromhex(device_id)
+    except ValueError as e:
+        raise click.BadParameter("a device id is 32 hex digits", param_hint="DEVICE_ID") from e
+    done = _with_storage(cfg, lambda s: s.revoke_device(raw, now=int(time.time())))
+    if not done:
+        raise click.ClickException("no such active device")
+    click.echo(f"Device {device_id} revoked.")
+
+
+def main() -> None:
+    cli(prog_name="pli-relay")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""The relay's endpoints (SPEC.md §7). Thin: fetch bytes, hand them to a protocol
+checker, persist only what it accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+from typing import Any
+
+import nacl.signing
+import structlog
+from aiohttp import web
+
+from protocol import codec
+from protocol.envelope import EnvelopeHeader, SignedHeader, split_prefix
+from protocol.errors import DecodeError, LimitError
+from protocol.ids import check_rpps
+from protocol.keys import DevicePublic, fingerprint
+from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, STORAGE, UPLOAD_LOCKS
+from relay.errors import RelayError, not_found
+from relay.storage import Device, EnvelopeRow
+
+__all__ = ["ENVELOPE_TYPE", "add_routes", "purge_once"]
+
+log = structlog.get_logger("pli.relay")
+
+ENVELOPE_TYPE = "application/vnd.pli.envelope"
+MSGPACK_TYPE = "application/msgpack"
+MAX_ENROLL = 4096
+_STALE_UPLOAD = 7 * 86400
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", health, name="health")
+    app.router.add_post("/v1/enroll", enroll, name="enroll")
+    app.router.add_get("/v1/directory/{rpps}", directory, name="directory")
+    app.router.add_get("/v1/devices/{device_id}", device_info, name="device")
+    app.router.add_get("/v1/inbox", inbox, name="inbox")
+    app.router.add_put("/v1/envelopes/{id}", put_envelope, name="put_envelope")
+    app.router.add_patch("/v1/envelopes/{id}", patch_envelope, name="patch_envelope")
+    app.router.add_get("/v1/envelopes/{id}", get_envelope, name="get_envelope", allow_head=False)
+    app.router.add_get("/v1/envelopes/{id}/status", envelope_status, name="envelope_status")
+    app.router.add_post("/v1/envelopes/{id}/ack", ack_envelope, name="ack_envelope")
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _hex_id(text: str, what: str = "id") -> bytes:
+    if len(text) != 32:
+        raise DecodeError(f"{what} must be 32 hex digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError as e:
+        raise DecodeError(f"{what} must be 32 hex digits") from e
+
+
+def _require_type(request: web.Request, expected: str) -> None:
+    if request.content_type != expected:
+        raise RelayError(
+            "unsupported_media_type", 415, f"expected Content-Type {expected}, got {request.content_type}"
+        )
+
+
+def _check_length(request: web.Request, limit: int) -> None:
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise LimitError(f"request body of {declared} bytes is over the {limit}-byte limit")
+
+
+async def _small_body(request: web.Request, limit: int) -> bytes:
+    """Read a small body whole, refusing it from its declared length or when it lies."""
+    _check_length(request, limit)
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            raise LimitError(f"request body over the {limit}-byte limit")
+    body = bytes(data)
+    digest = request.get(DIGEST)
+    if digest is not None and not hmac.compare_digest(hashlib.sha256(body).digest(), digest):
+        raise RelayError("digest_mismatch", 400, "the body does not match its Content-Digest")
+    return body
+
+
+def _device_json(d: Device) -> dict[str, Any]:
+    pub = DevicePublic.from_record({"sign_key": d.sign_key, "cert": d.cert, "sig": d.sig})
+    return {
+        "device_id": d.device_id.hex(),
+        "sign_key": _b64(d.sign_key),
+        "cert": _b64(d.cert),
+        "sig": _b64(d.sig),
+        "fingerprint": fingerprint(pub.sign_key, pub.enc_key),
+    }
+
+
+# -- public ------------------------------------------------------------------------------
+
+
+async def health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def enroll(request: web.Request) -> web.Response:
+    _require_type(request, MSGPACK_TYPE)
+    body = await _small_body(request, MAX_ENROLL)
+    r = codec.MapReader(codec.decode(body, limits=codec.Limits(max_size=MAX_ENROLL)), "enrolment")
+    codec.expect_version(r, (1,))
+    code = r.str_("code", max_len=64)
+    device = DevicePublic.from_record(r.raw("device"))
+    r.done()
+    storage = request.app[STORAGE]
+    p = await storage.enroll(
+        code,
+        device_id=device.device_id,
+        sign_key=device.sign_key,
+        cert=device.cert,
+        sig=device.sig,
+        now=request.app[CLOCK](),
+    )
+    log.info("device_enrolled", device=device.device_id.hex())
+    return web.json_response(
+        {
+            "device_id": device.device_id.hex(),
+            "rpps": p.rpps,
+            "name": p.name,
+            "profession": p.profession,
+            "specialty": p.specialty,
+        },
+        status=201,
+    )
+
+
+# -- directory ---------------------------------------------------------------------------
+
+
+async def directory(request: web.Request) -> web.Response:
+    rpps = check_rpps(request.match_info["rpps"])
+    storage = request.app[STORAGE]
+    p = await storage.practitioner(rpps)
+    if p is None:
+        raise not_found("no practitioner with this RPPS number on this relay")
+    devices = await storage.devices_of(rpps)
+    return web.json_response(
+        {
+            "rpps": p.rpps,
+            "name": p.name,
+            "profession": p.profession,
+            "specialty": p.specialty,
+            "devices": [_device_json(d) for d in devices],
+        }
+    )
+
+
+async def device_info(request: web.Request) -> web.Response:
+    device_id = _hex_id(request.match_info["device_id"], "device id")
+    storage = request.app[STORAGE]
+    d = await storage.device(device_id)
+    if d is None:
+        raise not_found("no such device")
+    p = await storage.practitioner(d.rpps)
+    return web.json_response(
+        {**_device_json(d), "rpps": d.rpps, "name": p.name if p else "", "revoked": d.revoked is not None}
+    )
+
+
+# -- mailbox -----------------------------------------------------------------------------
+
+
+def _status_json(row: EnvelopeRow) -> dict[str, Any]:
+    return {
+        "id": row.id.hex(),
+        "complete": row.state != "uploading",
+        "offset": row.received,
+        "size": row.size,
+        "envelope_hash": _b64(row.envelope_hash),
+        "received_at": row.received_at,
+    }
+
+
+async def inbox(request: web.Request) -> web.Response:
+    device: Device = request[DEVICE]
+    await _small_body(request, 0)
+    rows = await request.app[STORAGE].inbox(device.device_id, now=request.app[CLOCK]())
+    return web.json_response(
+        {
+            "envelopes": [
+                {
+                    "id": row.id.hex(),
+                    "from": row.sender.hex(),
+                    "from_rpps": rpps,
+                    "size": row.size,
+                    "created": row.created,
+                    "expires": row.expires,
+                    "received_at": row.received_at,
+                    "envelope_hash": _b64(row.envelope_hash),
+                }
+                for row, rpps in rows
+            ]
+        }
+    )
+
+
+async def _visible(request: web.Request, envelope_id: bytes) -> tuple[EnvelopeRow, dict[bytes, int | None]]:
+    """The envelope if this device sent it or is a recipient; 404 otherwise, so ids cannot be probed."""
+    device: Device = request[DEVICE]
+    storage = request.app[STORAGE]
+    row = await storage.envelope(envelope_id)
+    if row is None:
+        raise not_found("no such envelope")
+    recipients = await storage.recipients(envelope_id)
+    if row.sender != device.device_id and device.device_id not in recipients:
+        raise not_found("no such envelope")
+    return row, recipients
+
+
+async def envelope_status(request: web.Request) -> web.Response:
+    await _small_body(request, 0)
+    row, _ = await _visible(request, _hex_id(request.match_info["id"]))
+    return web.json_response(_status_json(row))
+
+
+async def get_envelope(request: web.Request) -> web.StreamResponse:
+    await _small_body(request, 0)
+    row, _ = await _visible(request, _hex_id(request.match_info["id"]))
+    device: Device = request[DEVICE]
+    if row.state != "stored" or row.expires <= request.app[CLOCK]():
+        if row.state == "uploading" and row.sender == device.device_id:
+            raise RelayError("not_found", 404, "this envelope's upload is not complete")
+        raise not_found("no such envelope")
+    path = request.app[BLOBS].final_path(row.id)
+    if not path.exists():
+        raise not_found("no such envelope")
+    return web.FileResponse(path, headers={"Content-Type": ENVELOPE_TYPE})
+
+
+async def ack_envelope(request: web.Request) -> web.Response:
+    await _small_body(request, 0)
+    envelope_id = _hex_id(request.match_info["id"])
+    row, recipients = await _visible(request, envelope_id)
+    device: Device = request[DEVICE]
+    if device.device_id not in recipients:
+        raise RelayError("forbidden", 403, "only a recipient device acknowledges an envelope")
+    if row.state == "uploading":
+        raise not_found("no such envelope")
+    app = request.app
+    now = app[CLOCK]()
+    all_done = await app[STORAGE].acknowledge(envelope_id, device.device_id, now=now)
+    deleted = False
+    if all_done and app[CONFIG].ack_retention == 0 and row.state == "stored":
+        await _delete(app, [envelope_id])
+        deleted = True
+    return web.json_response({"id": envelope_id.hex(), "acknowledged": True, "deleted": deleted})
+
+
+async def _delete(app: web.Application, ids: list[bytes]) -> None:
+    # Mark first, then unlink: a crash in between leaves an orphan file that the
+    # startup sweep removes, never a row that points to a missing blob.
+    await app[STORAGE].mark_deleted(ids)
+    for envelope_id in ids:
+        app[BLOBS].delete(envelope_id)
+
+
+async def purge_once(app: web.Application) -> None:
+    cfg = app[CONFIG]
+    now = app[CLOCK]()
+    storage = app[STORAGE]
+    ids = await storage.purgeable(now=now, ack_retention=cfg.ack_retention, stale_upload=_STALE_UPLOAD)
+    await _delete(app, ids)
+    nonces = await storage.purge_nonces(now=now)
+    if ids or nonces:
+        log.info("purged", envelopes=len(ids), nonces=nonces)
+
+
+# -- upload ------------------------------------------------------------------------------
+
+
+class _Body:
+    """Streams a request body, counting against the limit and hashing for Content-Digest."""
+
+    def __init__(self, request: web.Request, limit: int) -> None:
+        _check_length(request, limit)
+        self._content = request.content
+        self._limit = limit
+        self.count = 0
+        self.hash = hashlib.sha256()
+
+    async def chunk(self) -> bytes:
+        data = await self._content.readany()
+        self.count += len(data)
+        if self.count > self._limit:
+            raise LimitError(f"request body over the {self._limit}-byte limit")
+        self.hash.update(data)
+        return data
+
+
+def _check_header(request: web.Request, header: EnvelopeHeader, envelope_id: bytes) -> None:
+    cfg = request.app[CONFIG]
+    now = request.app[CLOCK]()
+    if header.id != envelope_id:
+        raise DecodeError("the envelope header names another id than the URL")
+    if abs(header.created - now) > cfg.max_created_skew:
+        raise RelayError("expired", 400, "the envelope's creation time is too far from the relay's clock")
+    if header.expires <= now or header.expires - header.created > cfg.max_lifetime:
+        raise RelayError("expired", 400, "the envelope's expiry is in the past or too far away")
+    if header.size > cfg.max_envelope:
+        raise LimitError(f"envelope of {header.size} bytes is over the {cfg.max_envelope}-byte limit")
+
+
+async def _check_recipients(request: web.Request, header: EnvelopeHeader) -> None:
+    storage = request.app[STORAGE]
+    for device_id in header.to:
+        d = await storage.device(device_id)
+        if d is None or d.revoked is not None:
+            raise RelayError(
+                "unknown_recipient", 400, f"recipient device {device_id.hex()} is unknown or revoked"
+            )
+
+
+async def put_envelope(request: web.Request) -> web.Response:
+    _require_type(request, ENVELOPE_TYPE)
+    envelope_id = _hex_id(request.match_info["id"])
+    device: Device = request[DEVICE]
+    body = _Body(request, request.app[CONFIG].max_request)
+    buf = bytearray()
+    # split_prefix answers once MAX_PREFIX bytes are in (or refuses earlier), so the
+    # buffer never holds more than MAX_PREFIX plus one network chunk.
+    while (split := split_prefix(buf)) is None:
+        chunk = await body.chunk()
+        if not chunk:
+            raise DecodeError("the body ends before the envelope header does")
+        buf += chunk
+    signed, used = split
+    header = signed.verify(nacl.signing.VerifyKey(device.sign_key))
+    _check_header(request, header, envelope_id)
+    async with _upload_lock(request.app, envelope_id):
+        row = await request.app[STORAGE].envelope(envelope_id)
+        if row is not None and (row.prefix != signed.prefix or row.sender != device.device_id):
+            raise RelayError("envelope_conflict", 409, "this envelope id is taken by other content")
+        if row is None:
+            await _check_recipients(request, header)
+        return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)
+
+
+async def patch_envelope(request: web.Request) -> web.Response:
+    _require_type(request, "application/octet-stream")
+    envelope_id = _hex_id(request.match_info["id"])
+    device: Device = request[DEVICE]
+    try:
+        offset = int(request.query.get("offset", ""))
+    except ValueError as e:
+        raise DecodeError("offset must be a whole number of bytes") from e
+    body = _Body(request, request.app[CONFIG].max_request)
+    async with _upload_lock(request.app, envelope_id):
+        row = await request.app[STORAGE].envelope(envelope_id)
+        if row is None or row.sender != device.device_id:
+            raise not_found("no such upload")
+        signed, _ = split_prefix(row.prefix) or (None, 0)
+        assert signed is not None  # stored prefixes were split before
+        header = EnvelopeHeader.from_bytes(signed.raw)
+        if offset != row.received and row.state == "uploading":
+            raise RelayError(
+                "offset_mismatch", 409, f"the relay holds {row.received} bytes, not {offset}",
+                offset=row.received,
+            )
+        return await _receive(request, body, signed, header, row, b"", start=offset)
+
+
+class _UploadLock:
+    def __init__(self, app: web.Application, envelope_id: bytes) -> None:
+        self._locks = app[UPLOAD_LOCKS]
+        self._id = envelope_id
+        self._lock = self._locks.setdefault(envelope_id, asyncio.Lock())
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+        if not self._lock.locked() and self._locks.get(self._id) is self._lock:
+            del self._locks[self._id]
+
+
+def _upload_lock(app: web.Application, envelope_id: bytes) -> _UploadLock:
+    return _UploadLock(app, envelope_id)
+
+
+async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, kept in one place
+    request: web.Request,
+    body: _Body,
+    signed: SignedHeader,
+    header: EnvelopeHeader,
+    row: EnvelopeRow | None,
+    first: bytes,
+    *,
+    start: int,
+) -> web.Response:
+    """Write ciphertext bytes that begin at ciphertext offset ``start``; complete if all arrived.
+
+    Bytes the relay already holds are skipped (a retry), bytes past ``header.size``
+    are refused; nothing is recorded unless the whole body matches its Content-Digest.
+    """
+    app = request.app
+    storage, blobs, now = app[STORAGE], app[BLOBS], app[CLOCK]()
+    held = row.received if row is not None else 0
+    if row is not None and row.state != "uploading":
+        while await body.chunk():
+            pass
+        _check_digest(request, body)
+        return web.json_response(_status_json(row), status=200)
+    prefix = signed.prefix
+    part_exists = blobs.part_path(header.id).exists()
+    if row is not None and not part_exists and held:
+        # The partial blob was lost (a crash before its fsync): start again from 0.
+        await storage.set_received(header.id, 0, complete=False, now=now)
+        raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
+    fd = blobs.open_part(header.id, prefix, new=not part_exists)
+    # A new upload sent from offset 0 is hashed as it streams; a resumed one is re-read.
+    ct_hash = hashlib.sha256() if row is None and start == 0 else None
+    pos = start
+    try:
+        data = first
+        while True:
+            if data:
+                end = pos + len(data)
+                if end > header.size:
+                    raise DecodeError("more ciphertext than the envelope header's size")  # noqa: TRY301
+                if end > held:
+                    skip = max(0, held - pos)
+                    blobs.write(fd, len(prefix) + pos + skip, memoryview(data)[skip:])
+                if ct_hash is not None:
+                    ct_hash.update(data)
+                pos = end
+            data = await body.chunk()
+            if not data:
+                break
+        pos = max(pos, held)  # a retry that sent less than the relay holds
+        _check_digest(request, body)
+        complete = pos == header.size
+        if complete:
+            if ct_hash is not None:
+                _check_ciphertext_hash(ct_hash.digest(), header)
+            else:
+                await asyncio.to_thread(_verify_ciphertext, blobs.part_path(header.id), len(prefix), header)
+            await asyncio.to_thread(blobs.commit, header.id, fd)
+        else:
+            await asyncio.to_thread(os.fsync, fd)
+    except BaseException as e:
+        os.close(fd)
+        if row is None:
+            blobs.delete(header.id)
+        elif isinstance(e, RelayError) and e.code == "digest_mismatch" and pos == header.size:
+            # The whole ciphertext is wrong somewhere: nothing can be resumed, discard it.
+            await storage.discard_upload(header.id)
+            blobs.delete(header.id)
+        else:
+            blobs.truncate(header.id, len(prefix) + held)
+        raise
+    os.close(fd)
+    if row is None:
+        await storage.create_envelope(
+            envelope_id=header.id, sender=header.sender, prefix=prefix,
+            envelope_hash=signed.envelope_hash, size=header.size, created=header.created,
+            expires=header.expires, to=header.to, received=pos, now=now,
+        )
+    else:
+        await storage.set_received(header.id, pos, complete=complete, now=now)
+    new_row = await storage.envelope(header.id)
+    assert new_row is not None
+    if complete:
+        log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to))
+    return web.json_response(_status_json(new_row), status=201 if complete else 200)
+
+
+def _check_digest(request: web.Request, body: _Body) -> None:
+    if not hmac.compare_digest(body.hash.digest(), request[DIGEST]):
+        raise RelayError("digest_mismatch", 400, "the body does not match its Content-Digest")
+
+
+def _verify_ciphertext(path: os.PathLike[str], skip: int, header: EnvelopeHeader) -> None:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # noqa: PTH123
+        f.seek(skip)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    _check_ciphertext_hash(h.digest(), header)
+
+
+def _check_ciphertext_hash(digest: bytes, header: EnvelopeHeader) -> None:
+    if not hmac.compare_digest(digest, header.sha256):
+        raise RelayError("digest_mismatch", 400, "the ciphertext does not match the header's SHA-256")
