@@ -31,6 +31,23 @@ __all__ = ["main"]
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_SENSITIVE = ("key", "secret", "passphrase", "password", "code", "nonce", "signature", "text", "patient")
+
+
+def redact(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Last line of defence before rendering: no key material, code or content in a log line.
+
+    Fields whose name suggests a secret are masked, and raw bytes never reach the
+    renderer (JSONRenderer would fall back to their repr()).
+    """
+    for name, value in list(event.items()):
+        if any(s in name.lower() for s in _SENSITIVE):
+            event[name] = "[redacted]"
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            event[name] = f"[{len(value)} bytes]"
+    return event
+
+
 def configure_logging(fmt: str = "auto") -> None:
     """JSON lines off a terminal, key=value on one (STYLE §30); called once, here."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -41,6 +58,7 @@ def configure_logging(fmt: str = "auto") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),

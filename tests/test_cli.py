@@ -78,6 +78,12 @@ def relay(tmp_path: Path) -> Iterator[Relay]:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+    # Off a terminal the relay logs JSON lines, one per request, and never case content.
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(line.get("event") == "request" for line in lines)
+    assert any(line.get("event") == "relay_stopped" for line in lines)
+    for marker in (PATIENT, QUESTION, "Dr Karim Benali"):
+        assert marker not in err
 
 
 def practitioner(tmp_path: Path, relay: Relay, name: str, rpps: str, full: str) -> Path:
