@@ -124,8 +124,12 @@ def init(c: Ctx, fast_kdf: bool) -> None:
     The passphrase never leaves this computer; without it the keys cannot be used.
     Scripts set PLI_PASSPHRASE_FILE (a file holding it) instead of typing it.
     """
+    passphrase = c.passphrase(confirm=True)
+    if len(passphrase) < 8:
+        raise click.UsageError(tr("la phrase de passe doit faire au moins 8 caractères",
+                                  "the passphrase must be at least 8 characters long"))
     keys = DeviceKeys.generate(now=int(time.time()))
-    c.home.create(keys, c.passphrase(confirm=True), fast_kdf=fast_kdf)
+    c.home.create(keys, passphrase, fast_kdf=fast_kdf)
     pub = keys.public()
     emit(c.json, {"device_id": keys.device_id.hex(), "fingerprint": pub.fingerprint, "home": str(c.home.root)},
          tr(f"Clés créées dans {c.home.root}.\nEmpreinte de cet appareil : {pub.fingerprint}\n"

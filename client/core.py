@@ -188,6 +188,8 @@ async def send(
                 first_contacts.append(info["rpps"])
         me = keys.public()
         recipient_ids = tuple(dict.fromkeys(d.device_id for d in recipients if d.device_id != me.device_id))
+        if not recipient_ids:
+            raise ClientError("no recipient device other than this one: check the RPPS numbers")
         envelope_id = os.urandom(16)
         case = case_id or os.urandom(16)
         now = _now()
@@ -334,16 +336,21 @@ async def open_envelope(
         _info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
         if sender.device_id not in {d.device_id for d in devices} and not dev_info.get("revoked"):
             raise BundleError("the sending device is not listed for its practitioner")
-        header = signed.verify(sender.verify_key)
-        if header.id != eid:
-            raise BundleError("the envelope carries another id than the one asked for")
-        if keys.device_id not in header.to:
-            raise NotARecipientError("this device is not a recipient of this envelope")
-        opened = await asyncio.to_thread(
-            _decrypt_bundle, home, keys, signed, header, sender, age_path
-        )
-        if opened.manifest.sender.rpps != dev_info["rpps"]:
-            raise BundleError("the bundle claims another practitioner than the sending device's")
+        try:
+            header = signed.verify(sender.verify_key)
+            if header.id != eid:
+                raise BundleError("the envelope carries another id than the one asked for")
+            if keys.device_id not in header.to:
+                raise NotARecipientError("this device is not a recipient of this envelope")
+            opened = await asyncio.to_thread(
+                _decrypt_bundle, home, keys, signed, header, sender, age_path
+            )
+            if opened.manifest.sender.rpps != dev_info["rpps"]:
+                shutil.rmtree(opened.folder, ignore_errors=True)
+                raise BundleError("the bundle claims another practitioner than the sending device's")
+        except PliError:
+            _set_aside(prefix_path, age_path)
+            raise
         if acknowledge:
             await r.ack(eid)
     m = opened.manifest
@@ -375,8 +382,10 @@ async def _download(
         return
     part = age_path.with_name(age_path.name + ".part")
     prefix_path.parent.mkdir(parents=True, exist_ok=True)
-    have_prefix = prefix_path.read_bytes() if prefix_path.exists() else b""
-    offset = len(have_prefix) + part.stat().st_size if have_prefix and part.exists() else 0
+    if prefix_path.exists():
+        offset = len(prefix_path.read_bytes()) + (part.stat().st_size if part.exists() else 0)
+    else:
+        offset = 0
     buf = bytearray()
     out = part.open("ab" if offset else "wb")
 
@@ -401,6 +410,15 @@ async def _download(
     if not prefix_path.exists():
         raise DecodeError("the relay sent less than an envelope header")
     part.replace(age_path)
+
+
+def _set_aside(*paths: Path) -> None:
+    """Keep a refused envelope as evidence, out of the way of a fresh download."""
+    rejected = paths[0].parent / "rejected"
+    rejected.mkdir(exist_ok=True)
+    for p in paths:
+        if p.exists():
+            p.replace(rejected / f"{p.name}.{int(time.time())}")
 
 
 class _Opened:

@@ -13,6 +13,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _SENSITIVE = ("key", "secret", "passphrase", "password", "code", "nonce", "signature", "text", "patient")
 
 
-def redact(_logger: object, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Last line of defence before rendering: no key material, code or content in a log line.
 
     Fields whose name suggests a secret are masked, and raw bytes never reach the
