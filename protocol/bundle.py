@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ import nacl.signing
 
 from protocol import codec
 from protocol.age import SupportsRead, SupportsWrite
-from protocol.envelope import ID_SIZE, EnvelopeHeader
+from protocol.envelope import ID_SIZE, MAX_RECIPIENTS, EnvelopeHeader
 from protocol.errors import BundleError, DecodeError, LimitError, NotARecipientError
 from protocol.keys import CTX_BUNDLE, DEVICE_ID_SIZE, DevicePublic, device_id_of, sign, verify
 
@@ -180,13 +181,17 @@ class Manifest:
             raise DecodeError(f"unknown bundle kind {self.kind!r}")
         if len(self.case_id) != ID_SIZE or len(self.envelope_id) != ID_SIZE:
             raise DecodeError("case and envelope ids are 16 bytes")
+        if len(self.recipients) > MAX_RECIPIENTS:
+            raise LimitError(f"over {MAX_RECIPIENTS} recipients")
         if not self.recipients or any(len(r) != DEVICE_ID_SIZE for r in self.recipients):
             raise DecodeError("manifest recipients must be 16-byte device ids")
         if len(set(self.recipients)) != len(self.recipients):
             raise DecodeError("a recipient is listed twice")
         if len(self.files) > MAX_FILES:
             raise LimitError(f"over {MAX_FILES} files")
-        names = [f.name.casefold() for f in self.files]
+        # NFC then case-folded: "É" typed on one system and "É" (E + accent) on another are
+        # one name on most file systems.
+        names = [unicodedata.normalize("NFC", f.name).casefold() for f in self.files]
         if len(set(names)) != len(names):
             raise DecodeError("two files have the same name")
         schema = _BODY_SCHEMA[self.kind]
@@ -227,7 +232,7 @@ class Manifest:
         """
         r = codec.MapReader(codec.decode(data, limits=_MANIFEST_LIMITS), "manifest")
         codec.expect_version(r, (1,))
-        recipients = r.list_("recipients", max_items=64)
+        recipients = r.list_("recipients", max_items=MAX_RECIPIENTS)
         if not all(isinstance(x, bytes) for x in recipients):
             raise DecodeError("manifest recipients must be byte strings")
         body = r.raw("body")
@@ -285,10 +290,15 @@ class _HashingReader:
 
     def read(self, n: int = -1) -> bytes:
         want = self._entry.size - self._n if n < 0 else min(n, self._entry.size - self._n)
-        data = self._src.read(want) if want > 0 else b""
+        try:
+            data = self._src.read(want) if want > 0 else b""
+        except tarfile.TarError as e:  # the container ends inside this member
+            raise BundleError(f"file {self._entry.name!r} is cut short: {e}") from e
         self._h.update(data)
         self._n += len(data)
-        if not data and not self._checked:
+        # A short read means the source ended early: refuse it here, before tarfile
+        # reports it as a bare OSError ("unexpected end of data").
+        if (not data or len(data) < want) and not self._checked:
             self._check()
         return data
 
@@ -360,6 +370,50 @@ class _BytesReader:
         return chunk
 
 
+class _RecentReader:
+    """Passes reads through, keeping the most recent bytes so the tar's tail can be checked.
+
+    tarfile's stream mode buffers less than one read ahead of what it has parsed, so
+    keeping the last ``_KEEP`` bytes (at least) covers everything it read but did not use.
+    """
+
+    _KEEP = 4 * _COPY
+
+    def __init__(self, src: SupportsRead) -> None:
+        self._src = src
+        self._recent: list[bytes] = []
+        self._kept = 0
+        self.pos = 0  # bytes handed out so far
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        if data:
+            self._recent.append(data)
+            self._kept += len(data)
+            self.pos += len(data)
+            while self._kept - len(self._recent[0]) >= self._KEEP:
+                self._kept -= len(self._recent.pop(0))
+        return data
+
+    def check_zero_from(self, offset: int, *, at_least: int) -> None:
+        """Check the bytes handed out from ``offset`` on are zero and number ``at_least``.
+
+        Raises:
+            BundleError: a non-zero byte, or the end-of-archive marker is missing.
+        """
+        tail = b"".join(self._recent)
+        start = offset - (self.pos - len(tail))
+        if start < 0:
+            raise BundleError("bundle container: cannot check its end")
+        rest = tail[start:]
+        if rest.count(0) != len(rest):
+            raise BundleError("bundle padding is not zero (data after the last member)")
+        if len(rest) < at_least:
+            more = self._src.read(at_least - len(rest))
+            if len(rest) + len(more) < at_least or more.count(0) != len(more):
+                raise BundleError("bundle container has no end-of-archive marker")
+
+
 class BundleReader:
     """Reads a decrypted bundle as a stream: verify first, then release files.
 
@@ -380,9 +434,9 @@ class BundleReader:
         envelope: EnvelopeHeader,
         me: bytes,
     ) -> None:
-        self._src = plaintext
+        self._src = _RecentReader(plaintext)
         try:
-            self._tar = tarfile.open(fileobj=plaintext, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - lives as long as the reader
+            self._tar = tarfile.open(fileobj=self._src, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - lives as long as the reader
             raw = self._member(MEMBER_MANIFEST, max_size=MAX_MANIFEST)
             sig = self._member(MEMBER_SIGNATURE, max_size=64)
         except tarfile.TarError as e:
@@ -448,6 +502,10 @@ class BundleReader:
             raise BundleError(f"bundle container broken at its end: {e}") from e
         if extra is not None:
             raise BundleError(f"unexpected bundle member {extra.name!r}")
+        # tarfile reads ahead and stops at the first block that is not a valid header
+        # (zero or garbage), so check every byte from there: the end-of-archive marker,
+        # the record padding and the Padme padding must all be zero (SPEC.md §6, step 4).
+        self._src.check_zero_from(self._tar.offset, at_least=2 * tarfile.BLOCKSIZE)
         while True:
             chunk = self._src.read(_COPY)
             if not chunk:

@@ -112,6 +112,9 @@ def decode(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise
     except ValueError as e:
         # msgpack reports over-limit lengths as ValueError("... exceeds max_..._len").
+        # max_ext_len is 0 to refuse extension types, not because of their size.
+        if "max_ext_len" in str(e):
+            raise DecodeError("msgpack extension types are not allowed") from e
         if "exceeds max" in str(e):
             raise LimitError(f"msgpack length over limit: {e}") from e
         raise DecodeError(f"not valid msgpack: {e}") from e

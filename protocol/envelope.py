@@ -11,7 +11,7 @@ Byte layout::
     header length          2 bytes, big-endian, 1..MAX_HEADER
     header                 canonical msgpack map (below)
     signature              64 bytes: Ed25519 by the sender over
-                           "pli/envelope/v1" || 0x00 || header
+                           "pli/envelope/v1" || 0x00 || SHA-256(header)
     ciphertext             exactly header.size bytes: an age v1 file
 
 The signature is checked over the exact header bytes before they are decoded
@@ -147,7 +147,7 @@ class SignedHeader:
             SignatureError: not signed by ``sender_key``, or names another sender.
             DecodeError: the header does not decode.
         """
-        verify(sender_key, CTX_ENVELOPE, self.raw, self.signature)
+        verify(sender_key, CTX_ENVELOPE, self.envelope_hash, self.signature)
         header = EnvelopeHeader.from_bytes(self.raw)
         if header.sender != device_id_of(bytes(sender_key)):
             raise SignatureError("envelope header names a sender other than its signer")
@@ -157,7 +157,9 @@ class SignedHeader:
 def seal_header(header: EnvelopeHeader, key: nacl.signing.SigningKey) -> SignedHeader:
     """Sign a header; ``SignedHeader.prefix`` is what precedes the ciphertext on the wire."""
     raw = header.to_bytes()
-    return SignedHeader(raw=raw, signature=sign(key, CTX_ENVELOPE, raw))
+    # The signature is over SHA-256(header), not the header itself, so that the log's
+    # SUBMITTED leaf (SPEC.md §11) can carry it at a fixed size and still be verified.
+    return SignedHeader(raw=raw, signature=sign(key, CTX_ENVELOPE, hashlib.sha256(raw).digest()))
 
 
 def split_prefix(data: bytes | bytearray | memoryview) -> tuple[SignedHeader, int] | None:

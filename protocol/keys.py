@@ -42,7 +42,9 @@ CTX_BUNDLE = b"pli/bundle/v1"
 CTX_ENVELOPE = b"pli/envelope/v1"
 
 DEVICE_ID_SIZE = 16
-_FINGERPRINT_ITERATIONS = 5200  # as Signal's NumericFingerprintGenerator
+_FINGERPRINT_ITERATIONS = 5200
+_MAX_OPS = 4 * nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE
+_MAX_MEM = nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE  # as Signal's NumericFingerprintGenerator
 
 
 def sign(key: nacl.signing.SigningKey, context: bytes, message: bytes) -> bytes:
@@ -223,8 +225,10 @@ class DeviceKeys:
         codec.expect_version(r, (1,))
         if r.str_("kdf", max_len=32) != "argon2id13":
             raise DecodeError("key file: unknown key-derivation function")
-        ops = r.int_("ops", min_value=1, max_value=1 << 20)
-        mem = r.int_("mem", min_value=8192, max_value=1 << 32)
+        # Bounded, so a tampered key file cannot make unlocking run for hours or take
+        # more memory than libsodium's SENSITIVE level before the passphrase is checked.
+        ops = r.int_("ops", min_value=nacl.pwhash.argon2id.OPSLIMIT_MIN, max_value=_MAX_OPS)
+        mem = r.int_("mem", min_value=nacl.pwhash.argon2id.MEMLIMIT_MIN, max_value=_MAX_MEM)
         salt = r.bytes_("salt", size=nacl.pwhash.argon2id.SALTBYTES)
         box = r.bytes_("box", max_size=1024)
         r.done()
