@@ -334,8 +334,14 @@ async def open_envelope(
         if sender.device_id.hex() != entry["from"] or dev_info.get("rpps") != entry.get("from_rpps"):
             raise BundleError("the relay's answers about the sender disagree")
         _info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
-        if sender.device_id not in {d.device_id for d in devices} and not dev_info.get("revoked"):
-            raise BundleError("the sending device is not listed for its practitioner")
+        # The sender must be a device we trust for that practitioner: listed now (and
+        # matching our pins, checked above), or pinned earlier with these very keys (a
+        # device revoked since it sent). Never on the relay's word alone: a relay could
+        # otherwise invent a "revoked" device and sign envelopes as anyone.
+        pinned = home.pinned(dev_info["rpps"]) or {}
+        listed = sender.device_id in {d.device_id for d in devices}
+        if not listed and pinned.get(sender.device_id.hex()) != sender.fingerprint:
+            raise BundleError("the sending device is not one of its practitioner's trusted devices")
         try:
             header = signed.verify(sender.verify_key)
             if header.id != eid:

@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import nacl.signing
@@ -36,7 +37,17 @@ CONFIG = web.AppKey("config", RelayConfig)
 STORAGE = web.AppKey("storage", Storage)
 BLOBS = web.AppKey("blobs", BlobStore)
 CLOCK: web.AppKey[Callable[[], int]] = web.AppKey("clock")
-UPLOAD_LOCKS: web.AppKey[dict[bytes, asyncio.Lock]] = web.AppKey("upload_locks")
+
+
+@dataclass
+class UploadSlot:
+    """One envelope's upload lock, and how many requests hold it or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+UPLOAD_LOCKS: web.AppKey[dict[bytes, UploadSlot]] = web.AppKey("upload_locks")
 
 #: request key under which the authenticated device is stored
 DEVICE = "pli.device"
@@ -90,6 +101,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         code = _HTTP_CODES.get(e.status, "malformed")
         resp = problem(e.status, code, e.reason)
+        if "Allow" in e.headers:  # RFC 9110 §15.5.6: a 405 lists the methods the resource allows
+            resp.headers["Allow"] = e.headers["Allow"]
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:

@@ -128,23 +128,25 @@ async def _serve(cfg: RelayConfig) -> None:
     app = create_app(cfg)
     runner = web.AppRunner(app, shutdown_timeout=cfg.shutdown_timeout, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
-    await site.start()
-    server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
-    sockets = server.sockets if server else []
-    port = sockets[0].getsockname()[1] if sockets else cfg.port
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    url = f"http://{host}:{port}"
-    print(url, flush=True)
-    log.info("relay_started", url=url, data=str(cfg.data), max_request=cfg.max_request,
-             max_envelope=cfg.max_envelope)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("relay_stopping")
-    await runner.cleanup()
+    try:  # also on a failed start: closing the storage ends its thread, so the process can exit
+        site = web.TCPSite(runner, cfg.host, cfg.port)
+        await site.start()
+        server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
+        sockets = server.sockets if server else []
+        port = sockets[0].getsockname()[1] if sockets else cfg.port
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+        url = f"http://{host}:{port}"
+        print(url, flush=True)
+        log.info("relay_started", url=url, data=str(cfg.data), max_request=cfg.max_request,
+                 max_envelope=cfg.max_envelope)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("relay_stopping")
+    finally:
+        await runner.cleanup()
     log.info("relay_stopped")
 
 

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 from typing import Any
 
 import nacl.signing
@@ -19,7 +20,7 @@ from protocol.envelope import EnvelopeHeader, SignedHeader, split_prefix
 from protocol.errors import DecodeError, LimitError
 from protocol.ids import check_rpps
 from protocol.keys import DevicePublic, fingerprint
-from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, STORAGE, UPLOAD_LOCKS
+from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, STORAGE, UPLOAD_LOCKS, UploadSlot
 from relay.errors import RelayError, not_found
 from relay.storage import Device, EnvelopeRow
 
@@ -31,6 +32,7 @@ ENVELOPE_TYPE = "application/vnd.pli.envelope"
 MSGPACK_TYPE = "application/msgpack"
 MAX_ENROLL = 4096
 _STALE_UPLOAD = 7 * 86400
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def add_routes(app: web.Application) -> None:
@@ -51,12 +53,11 @@ def _b64(b: bytes) -> str:
 
 
 def _hex_id(text: str, what: str = "id") -> bytes:
-    if len(text) != 32:
-        raise DecodeError(f"{what} must be 32 hex digits")
-    try:
-        return bytes.fromhex(text)
-    except ValueError as e:
-        raise DecodeError(f"{what} must be 32 hex digits") from e
+    # Exactly 32 lowercase hex digits (SPEC.md conventions): bytes.fromhex alone would also
+    # take upper case and skip white space ("%20%20" in a URL), giving ids of 15 bytes.
+    if _HEX_ID.fullmatch(text) is None:
+        raise DecodeError(f"{what} must be 32 lowercase hex digits")
+    return bytes.fromhex(text)
 
 
 def _require_type(request: web.Request, expected: str) -> None:
@@ -233,9 +234,25 @@ async def get_envelope(request: web.Request) -> web.StreamResponse:
             raise RelayError("not_found", 404, "this envelope's upload is not complete")
         raise not_found("no such envelope")
     path = request.app[BLOBS].final_path(row.id)
-    if not path.exists():
-        raise not_found("no such envelope")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise not_found("no such envelope") from None
+    _check_range(request, size)
     return web.FileResponse(path, headers={"Content-Type": ENVELOPE_TYPE})
+
+
+def _check_range(request: web.Request, size: int) -> None:
+    """Refuse a Range the envelope cannot satisfy as problem+json (FileResponse would send
+    a bare 416 with the envelope's Content-Type and no body)."""
+    if "Range" not in request.headers:
+        return
+    try:
+        rng = request.http_range
+    except ValueError as e:
+        raise RelayError("malformed", 416, "the Range header is not a byte range this relay serves") from e
+    if rng.start is not None and rng.start >= size:
+        raise RelayError("malformed", 416, f"the envelope has {size} bytes; the range starts past its end")
 
 
 async def ack_envelope(request: web.Request) -> web.Response:
@@ -371,17 +388,30 @@ async def patch_envelope(request: web.Request) -> web.Response:
 
 
 class _UploadLock:
+    """Serialises the requests on one envelope id. The slot is dropped only when no request
+    holds or awaits it: dropping it while one still waits would let a newcomer create a
+    second lock and write the same part file concurrently."""
+
     def __init__(self, app: web.Application, envelope_id: bytes) -> None:
         self._locks = app[UPLOAD_LOCKS]
         self._id = envelope_id
-        self._lock = self._locks.setdefault(envelope_id, asyncio.Lock())
+        self._slot = self._locks.setdefault(envelope_id, UploadSlot())
 
     async def __aenter__(self) -> None:
-        await self._lock.acquire()
+        self._slot.users += 1
+        try:
+            await self._slot.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-        if not self._lock.locked() and self._locks.get(self._id) is self._lock:
+        self._slot.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._slot.users -= 1
+        if self._slot.users == 0 and self._locks.get(self._id) is self._slot:
             del self._locks[self._id]
 
 
@@ -422,6 +452,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
     # A new upload sent from offset 0 is hashed as it streams; a resumed one is re-read.
     ct_hash = hashlib.sha256() if row is None and start == 0 else None
     pos = start
+    body_ok = False  # the request's bytes matched their Content-Digest
     try:
         data = first
         while True:
@@ -440,6 +471,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                 break
         pos = max(pos, held)  # a retry that sent less than the relay holds
         _check_digest(request, body)
+        body_ok = True
         complete = pos == header.size
         if complete:
             if ct_hash is not None:
@@ -453,8 +485,9 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         os.close(fd)
         if row is None:
             blobs.delete(header.id)
-        elif isinstance(e, RelayError) and e.code == "digest_mismatch" and pos == header.size:
+        elif isinstance(e, RelayError) and e.code == "digest_mismatch" and body_ok and pos == header.size:
             # The whole ciphertext is wrong somewhere: nothing can be resumed, discard it.
+            # (A body damaged in transit, refused by its Content-Digest, only loses its own bytes.)
             await storage.discard_upload(header.id)
             blobs.delete(header.id)
         else:

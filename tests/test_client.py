@@ -150,3 +150,20 @@ async def test_attachment_whose_name_lies_about_its_type_is_refused(env: Env) ->
         await core.send(gp_home, gp_keys, to=[DERM.rpps], kind="request",
                         body={"subject": "S", "patient": "P", "text": "Q"}, files=[fake])
     assert not list(gp_home.envelopes.glob("*")) if gp_home.envelopes.exists() else True
+
+
+async def test_relay_inventing_a_revoked_device_cannot_forge_a_sender(env: Env) -> None:
+    """A relay (here: its operator, through the admin path) makes a device for the GP's RPPS,
+    uses it to send an envelope, then marks it revoked so it leaves the directory. The
+    recipient never pinned that device: it must refuse the envelope."""
+    gp_home, gp_keys = await env.practitioner(GP, "gp")
+    derm_home, derm_keys = await env.practitioner(DERM, "derm")
+    first, _ = await _send_photo(env, (gp_home, gp_keys), size=10)
+    await core.open_envelope(derm_home, derm_keys, first.envelope_id)  # the derm pins the GP's real device
+    rogue = await env.practitioner(GP, "rogue")
+    rogue[0].pin(DERM.rpps, [derm_keys.public()])
+    forged, _ = await _send_photo(env, rogue, size=10)
+    await env.server.app[STORAGE].revoke_device(rogue[1].device_id, now=int(time.time()))
+    with pytest.raises(PliError, match="trusted devices"):
+        await core.open_envelope(derm_home, derm_keys, forged.envelope_id)
+    assert not list((derm_home.cases).glob("*/" + forged.envelope_id))
