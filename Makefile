@@ -18,14 +18,18 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/pli demo
 
-# The `age` tool (Debian package) is the reference the interoperability tests run
-# against. Installed when we may (root with apt-get, as in CI); otherwise those tests
-# skip and say why.
+# Reference tools the interoperability tests run against, from Debian's packages: the
+# `age` tool, and Go with golang.org/x/mod (sumdb/note, sumdb/tlog) to verify our
+# checkpoints and proofs with an independent implementation. Installed when we may (root
+# with apt-get, as in CI); otherwise those tests skip and say why.
+SYSTEM_PACKAGES := age golang-go golang-golang-x-mod-dev
 system-deps:
-	@command -v age >/dev/null 2>&1 || { \
+	@if ! command -v age >/dev/null 2>&1 || ! command -v go >/dev/null 2>&1 \
+	    || [ ! -d /usr/share/gocode/src/golang.org/x/mod/sumdb ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && apt-get install -y -qq age) >/dev/null; \
-	  else echo "note: the 'age' tool is not installed; its interoperability tests will be skipped"; fi; }
+	    (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES)) >/dev/null; \
+	  else echo "note: $(SYSTEM_PACKAGES) not all installed; their interoperability tests will be skipped"; fi; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .

@@ -214,7 +214,7 @@ class Verifier:
         """
         if len(vkey) > MAX_VKEY_SIZE:
             raise LimitError("verifier key too long")
-        parts = vkey.split("+")
+        parts = vkey.split("+", 2)  # the base64 key may itself contain "+" (Go cuts twice too)
         if len(parts) != 3:
             raise DecodeError("a verifier key is name+keyid+key")
         name, hex_id, b64 = parts

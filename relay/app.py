@@ -27,15 +27,17 @@ from protocol.errors import AuthError, PliError
 from relay.blobs import BlobStore
 from relay.config import RelayConfig
 from relay.errors import RelayError
+from relay.log import TransparencyLog, open_log
 from relay.storage import Device, Storage
 
-__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "STORAGE", "create_app"]
+__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LOG", "STORAGE", "create_app"]
 
 log = structlog.get_logger("pli.relay")
 
 CONFIG = web.AppKey("config", RelayConfig)
 STORAGE = web.AppKey("storage", Storage)
 BLOBS = web.AppKey("blobs", BlobStore)
+LOG = web.AppKey("log", TransparencyLog)
 CLOCK: web.AppKey[Callable[[], int]] = web.AppKey("clock")
 
 
@@ -54,7 +56,9 @@ DEVICE = "pli.device"
 #: request key for the verified Content-Digest (32 bytes)
 DIGEST = "pli.digest"
 
-PUBLIC_ROUTES = frozenset({"health", "enroll"})
+PUBLIC_ROUTES = frozenset(
+    {"health", "enroll", "checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries"}
+)
 _KEYID = re.compile(r'keyid="([0-9a-f]{32})"')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -174,7 +178,16 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     removed = blobs.sweep(await storage.live_envelope_ids())
     if removed:
         log.warning("startup_recovery", removed_orphan_blobs=len(removed))
+    try:
+        tlog = await open_log(cfg.data, storage, origin=cfg.log_origin, clock=app[CLOCK],
+                              window=cfg.group_commit_ms / 1000)
+    except BaseException:
+        await storage.close()
+        raise
+    app[LOG] = tlog
+    log.info("log_opened", origin=tlog.origin, vkey=tlog.verifier.vkey, size=await tlog.size())
     yield
+    await tlog.close()
     await storage.close()
 
 

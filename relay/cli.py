@@ -23,8 +23,10 @@ from aiohttp import web
 
 from protocol.errors import PliError
 from protocol.ids import check_rpps
+from protocol.logentry import EntryType, LogEntry
 from relay.app import create_app
 from relay.config import ConfigError, RelayConfig, load_config
+from relay.log import Skip, open_log
 from relay.storage import Practitioner, Storage
 
 __all__ = ["main"]
@@ -234,10 +236,35 @@ def revoke(ctx: click.Context, data: Path | None, device_id: str) -> None:
         raw = bytes.fromhex(device_id)
     except ValueError as e:
         raise click.BadParameter("a device id is 32 hex digits", param_hint="DEVICE_ID") from e
-    done = _with_storage(cfg, lambda s: s.revoke_device(raw, now=int(time.time())))
-    if not done:
+    if len(raw) != 16:
+        raise click.BadParameter("a device id is 32 hex digits", param_hint="DEVICE_ID")
+
+    async def run(storage: Storage) -> int | None:
+        # Revocation is a log leaf too: a relay cannot quietly drop or restore a device.
+        tlog = await open_log(cfg.data, storage, origin=cfg.log_origin, clock=lambda: int(time.time()), window=0)
+        found: list[str] = []
+
+        async def action(tx: Any) -> None:
+            device = await storage.device(raw)
+            if device is None or not await storage.revoke_device(raw, now=int(time.time()), tx=tx):
+                raise Skip
+            found.append(device.rpps)
+
+        try:
+            appended = await tlog.append(
+                lambda now: LogEntry(type=EntryType.DEVICE_REVOKED, time=now, device_id=raw, rpps=found[0]),
+                action, envelope_id=raw,
+            )
+        except Skip:
+            return None
+        finally:
+            await tlog.close()
+        return appended.index
+
+    leaf = _with_storage(cfg, run)
+    if leaf is None:
         raise click.ClickException("no such active device")
-    click.echo(f"Device {device_id} revoked.")
+    click.echo(f"Device {device_id} revoked (log entry {leaf}).")
 
 
 def main() -> None:

@@ -44,6 +44,11 @@ class RelayConfig:
     """How often expired envelopes, acknowledged blobs and old nonces are purged, seconds."""
     shutdown_timeout: float = 30.0
     """Grace period for requests in flight when stopping, seconds."""
+    log_origin: str = ""
+    """The transparency log's name (C2SP origin), e.g. ``relay.ars-bretagne.example/pli``.
+    Empty: ``pli-relay.invalid/<key id>`` on first start. It never changes afterwards."""
+    group_commit_ms: float = 5.0
+    """How long the log sequencer gathers submissions into one transaction and checkpoint, ms."""
     log_format: str = "auto"
     """``json``, ``console`` or ``auto`` (JSON unless stderr is a terminal)."""
 

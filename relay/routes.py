@@ -7,10 +7,13 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import os
 import re
+from dataclasses import replace
 from typing import Any
 
+import aiosqlite
 import nacl.signing
 import structlog
 from aiohttp import web
@@ -20,9 +23,12 @@ from protocol.envelope import EnvelopeHeader, SignedHeader, split_prefix
 from protocol.errors import DecodeError, LimitError
 from protocol.ids import check_rpps
 from protocol.keys import DevicePublic, fingerprint
-from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, STORAGE, UPLOAD_LOCKS, UploadSlot
+from protocol.logentry import EntryType, LogEntry
+from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, LOG, STORAGE, UPLOAD_LOCKS, UploadSlot
 from relay.errors import RelayError, not_found
-from relay.storage import Device, EnvelopeRow
+from relay.log import Skip, receipt_json
+from relay.logroutes import add_log_routes
+from relay.storage import Device, EnvelopeRow, Practitioner
 
 __all__ = ["ENVELOPE_TYPE", "add_routes", "purge_once"]
 
@@ -46,6 +52,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/envelopes/{id}", get_envelope, name="get_envelope", allow_head=False)
     app.router.add_get("/v1/envelopes/{id}/status", envelope_status, name="envelope_status")
     app.router.add_post("/v1/envelopes/{id}/ack", ack_envelope, name="ack_envelope")
+    app.router.add_post("/v1/envelopes/{id}/read", read_envelope, name="read_envelope")
+    app.router.add_post("/v1/envelopes/{id}/answered", answered_envelope, name="answered_envelope")
+    app.router.add_get("/v1/envelopes/{id}/receipts", envelope_receipts, name="envelope_receipts")
+    add_log_routes(app)
 
 
 def _b64(b: bytes) -> str:
@@ -115,14 +125,22 @@ async def enroll(request: web.Request) -> web.Response:
     device = DevicePublic.from_record(r.raw("device"))
     r.done()
     storage = request.app[STORAGE]
-    p = await storage.enroll(
-        code,
-        device_id=device.device_id,
-        sign_key=device.sign_key,
-        cert=device.cert,
-        sig=device.sig,
-        now=request.app[CLOCK](),
-    )
+    found: list[Practitioner] = []
+
+    async def action(tx: aiosqlite.Connection) -> None:
+        found.append(await storage.enroll(
+            code, device_id=device.device_id, sign_key=device.sign_key, cert=device.cert,
+            sig=device.sig, now=request.app[CLOCK](), tx=tx,
+        ))
+
+    def entry(now: int) -> LogEntry:
+        # The directory is in the log: a key the relay adds for someone is there for all to see.
+        return LogEntry(type=EntryType.DEVICE_ENROLLED, time=now, device_id=device.device_id,
+                        rpps=found[0].rpps, record_hash=hashlib.sha256(device.to_bytes()).digest())
+
+    # Indexed under the device id, so GET /v1/devices/{id} finds its enrolment receipt.
+    appended = await request.app[LOG].append(entry, action, envelope_id=device.device_id)
+    p = found[0]
     log.info("device_enrolled", device=device.device_id.hex())
     return web.json_response(
         {
@@ -131,6 +149,9 @@ async def enroll(request: web.Request) -> web.Response:
             "name": p.name,
             "profession": p.profession,
             "specialty": p.specialty,
+            "log_vkey": request.app[LOG].verifier.vkey,
+            "log_origin": request.app[LOG].origin,
+            "receipt": await request.app[LOG].receipt(appended),
         },
         status=201,
     )
@@ -164,8 +185,12 @@ async def device_info(request: web.Request) -> web.Response:
     if d is None:
         raise not_found("no such device")
     p = await storage.practitioner(d.rpps)
+    receipts = []
+    for index, leaf in await request.app[LOG].device_leaves(device_id):
+        receipts.append(receipt_json(index, leaf, await request.app[LOG].tlog_proof(index)))
     return web.json_response(
-        {**_device_json(d), "rpps": d.rpps, "name": p.name if p else "", "revoked": d.revoked is not None}
+        {**_device_json(d), "rpps": d.rpps, "name": p.name if p else "", "revoked": d.revoked is not None,
+         "receipts": receipts}
     )
 
 
@@ -222,7 +247,8 @@ async def _visible(request: web.Request, envelope_id: bytes) -> tuple[EnvelopeRo
 async def envelope_status(request: web.Request) -> web.Response:
     await _small_body(request, 0)
     row, _ = await _visible(request, _hex_id(request.match_info["id"]))
-    return web.json_response(_status_json(row))
+    receipt = await _existing_receipt(request.app, row.id, EntryType.SUBMITTED) if row.state != "uploading" else None
+    return web.json_response({**_status_json(row), "receipt": receipt})
 
 
 async def get_envelope(request: web.Request) -> web.StreamResponse:
@@ -266,12 +292,141 @@ async def ack_envelope(request: web.Request) -> web.Response:
         raise not_found("no such envelope")
     app = request.app
     now = app[CLOCK]()
-    all_done = await app[STORAGE].acknowledge(envelope_id, device.device_id, now=now)
+    state: list[bool] = []
+
+    async def action(tx: aiosqlite.Connection) -> None:
+        done = await app[STORAGE].acknowledge(envelope_id, device.device_id, now=now, tx=tx)
+        if done is None:
+            raise Skip  # acknowledged before: the delivery is already in the log
+        state.append(done)
+
+    def entry(t: int) -> LogEntry:
+        return LogEntry(type=EntryType.DELIVERED, time=t, envelope_id=envelope_id,
+                        envelope_hash=row.envelope_hash, device_id=device.device_id)
+
+    receipt: dict[str, object] | None
+    try:
+        receipt = await app[LOG].receipt(await app[LOG].append(entry, action, envelope_id=envelope_id))
+    except Skip:
+        receipt = await _existing_receipt(app, envelope_id, EntryType.DELIVERED, device.device_id)
     deleted = False
-    if all_done and app[CONFIG].ack_retention == 0 and row.state == "stored":
+    if state and state[0] and app[CONFIG].ack_retention == 0 and row.state == "stored":
         await _delete(app, [envelope_id])
         deleted = True
-    return web.json_response({"id": envelope_id.hex(), "acknowledged": True, "deleted": deleted})
+    return web.json_response(
+        {"id": envelope_id.hex(), "acknowledged": True, "deleted": deleted, "receipt": receipt}
+    )
+
+
+async def _existing_receipt(
+    app: web.Application, envelope_id: bytes, kind: EntryType, device_id: bytes | None = None
+) -> dict[str, object] | None:
+    for index, leaf in await app[LOG].leaves_of(envelope_id):
+        e = LogEntry.from_bytes(leaf)
+        if e.type == kind and (device_id is None or e.device_id == device_id):
+            return receipt_json(index, leaf, await app[LOG].tlog_proof(index))
+    return None
+
+
+async def _statement(request: web.Request) -> dict[str, Any]:
+    body = await _small_body(request, 4096)
+    _require_type(request, "application/json")
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise DecodeError("the body is not JSON") from e
+    if not isinstance(data, dict):
+        raise DecodeError("the body must be a JSON object")
+    return data
+
+
+def _field_int(data: dict[str, Any], key: str) -> int:
+    v = data.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 63:
+        raise DecodeError(f"{key} must be a whole number of seconds")
+    return v
+
+
+def _field_sig(data: dict[str, Any]) -> bytes:
+    try:
+        sig = base64.b64decode(str(data.get("signature", "")), validate=True)
+    except ValueError as e:
+        raise DecodeError("signature must be base64") from e
+    if len(sig) != 64:
+        raise DecodeError("signature must be 64 bytes")
+    return sig
+
+
+async def read_envelope(request: web.Request) -> web.Response:
+    """A recipient device says, with its signature, that it opened the envelope (SPEC.md §11.3)."""
+    envelope_id = _hex_id(request.match_info["id"])
+    data = await _statement(request)
+    row, recipients = await _visible(request, envelope_id)
+    device: Device = request[DEVICE]
+    if device.device_id not in recipients:
+        raise RelayError("forbidden", 403, "only a recipient device reads an envelope")
+    entry = LogEntry(type=EntryType.READ, time=0, envelope_id=envelope_id, envelope_hash=row.envelope_hash,
+                     device_id=device.device_id, act_time=_field_int(data, "read_at"),
+                     signature=_field_sig(data))
+    entry.verify_act(nacl.signing.VerifyKey(device.sign_key))
+    return await _log_act(request, entry)
+
+
+async def answered_envelope(request: web.Request) -> web.Response:
+    """A recipient device says, with its signature, which of its envelopes answers this one."""
+    envelope_id = _hex_id(request.match_info["id"])
+    data = await _statement(request)
+    row, recipients = await _visible(request, envelope_id)
+    device: Device = request[DEVICE]
+    if device.device_id not in recipients:
+        raise RelayError("forbidden", 403, "only a recipient device answers an envelope")
+    answer = await request.app[STORAGE].envelope(_hex_id(str(data.get("answer", "")), "answer"))
+    if answer is None or answer.sender != device.device_id or answer.state == "uploading":
+        raise not_found("no such answer envelope sent by this device")
+    entry = LogEntry(type=EntryType.ANSWERED, time=0, envelope_id=envelope_id, envelope_hash=row.envelope_hash,
+                     answer_hash=answer.envelope_hash, device_id=device.device_id,
+                     act_time=_field_int(data, "answered_at"), signature=_field_sig(data))
+    entry.verify_act(nacl.signing.VerifyKey(device.sign_key))
+    return await _log_act(request, entry)
+
+
+async def _log_act(request: web.Request, signed: LogEntry) -> web.Response:
+    """Log a practitioner's signed act once; asking again returns the same receipt."""
+    app = request.app
+
+    async def action(tx: aiosqlite.Connection) -> None:
+        cur = await tx.execute(
+            "SELECT data FROM log_leaves WHERE envelope_id = ? AND type = ?", (signed.envelope_id, int(signed.type))
+        )
+        for (data,) in await cur.fetchall():
+            if LogEntry.from_bytes(bytes(data)).device_id == signed.device_id:
+                raise Skip
+
+    try:
+        appended = await app[LOG].append(lambda now: replace(signed, time=now), action,
+                                         envelope_id=signed.envelope_id)
+        return web.json_response({"receipt": await app[LOG].receipt(appended)}, status=201)
+    except Skip:
+        receipt = await _existing_receipt(app, signed.envelope_id, signed.type, signed.device_id)
+        return web.json_response({"receipt": receipt}, status=200)
+
+
+async def envelope_receipts(request: web.Request) -> web.Response:
+    """Every logged fact about an envelope, with proofs against the latest checkpoint.
+
+    For its sender and recipients only, and kept after the ciphertext is deleted: this is
+    how read and answered receipts travel back to the sender.
+    """
+    await _small_body(request, 0)
+    envelope_id = _hex_id(request.match_info["id"])
+    await _visible(request, envelope_id)
+    tlog = request.app[LOG]
+    size, checkpoint = await tlog.checkpoint()
+    receipts = [
+        receipt_json(index, leaf, await tlog.tlog_proof(index, size=size, checkpoint=checkpoint))
+        for index, leaf in await tlog.leaves_of(envelope_id)
+    ]
+    return web.json_response({"id": envelope_id.hex(), "receipts": receipts})
 
 
 async def _delete(app: web.Application, ids: list[bytes]) -> None:
@@ -441,7 +596,8 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         while await body.chunk():
             pass
         _check_digest(request, body)
-        return web.json_response(_status_json(row), status=200)
+        receipt = await _existing_receipt(app, row.id, EntryType.SUBMITTED)
+        return web.json_response({**_status_json(row), "receipt": receipt}, status=200)
     prefix = signed.prefix
     part_exists = blobs.part_path(header.id).exists()
     if row is not None and not part_exists and held:
@@ -494,19 +650,40 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             blobs.truncate(header.id, len(prefix) + held)
         raise
     os.close(fd)
-    if row is None:
-        await storage.create_envelope(
-            envelope_id=header.id, sender=header.sender, prefix=prefix,
-            envelope_hash=signed.envelope_hash, size=header.size, created=header.created,
-            expires=header.expires, to=header.to, received=pos, now=now,
-        )
+
+    async def record(tx: aiosqlite.Connection | None = None) -> None:
+        if row is None:
+            await storage.create_envelope(
+                envelope_id=header.id, sender=header.sender, prefix=prefix,
+                envelope_hash=signed.envelope_hash, size=header.size, created=header.created,
+                expires=header.expires, to=header.to, received=pos, now=now, tx=tx,
+            )
+        else:
+            await storage.set_received(header.id, pos, complete=complete, now=now, tx=tx)
+
+    receipt = None
+    if complete:
+        # Stored and logged in one transaction: the answer carries the receipt, with the
+        # device's signature in the leaf and the batch's signed checkpoint.
+        def entry(t: int) -> LogEntry:
+            return LogEntry(type=EntryType.SUBMITTED, time=t, envelope_id=header.id,
+                            envelope_hash=signed.envelope_hash, device_id=header.sender,
+                            signature=signed.signature)
+
+        try:
+            appended = await app[LOG].append(entry, record, envelope_id=header.id)
+        except BaseException:
+            if row is None:
+                blobs.delete(header.id)
+            raise
+        receipt = await app[LOG].receipt(appended)
+        log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to),
+                 leaf=appended.index)
     else:
-        await storage.set_received(header.id, pos, complete=complete, now=now)
+        await record()
     new_row = await storage.envelope(header.id)
     assert new_row is not None
-    if complete:
-        log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to))
-    return web.json_response(_status_json(new_row), status=201 if complete else 200)
+    return web.json_response({**_status_json(new_row), "receipt": receipt}, status=201 if complete else 200)
 
 
 def _check_digest(request: web.Request, body: _Body) -> None:

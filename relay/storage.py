@@ -80,6 +80,25 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (envelope_id, device_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_device ON deliveries(device_id, acked_at);
+CREATE TABLE IF NOT EXISTS log_leaves (
+    idx INTEGER PRIMARY KEY,
+    data BLOB NOT NULL,
+    envelope_id BLOB,
+    type INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS log_leaves_envelope ON log_leaves(envelope_id, type) WHERE envelope_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS log_nodes (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_checkpoints (
+    size INTEGER PRIMARY KEY,
+    root BLOB NOT NULL,
+    note TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
 """
 
 
@@ -176,6 +195,28 @@ class Storage:
                 raise
             await self._db.execute("COMMIT")
 
+    @asynccontextmanager
+    async def _tx(self, tx: aiosqlite.Connection | None) -> AsyncIterator[aiosqlite.Connection]:
+        """Join the caller's transaction (the log sequencer's) or open one."""
+        if tx is not None:
+            yield tx
+            return
+        async with self.transaction() as db:
+            yield db
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        """For reads; writes go through :meth:`transaction`."""
+        return self._db
+
+    async def meta(self, key: str) -> str | None:
+        row = await self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row[0]) if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self.transaction() as db:
+            await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
         cur = await self._db.execute(sql, tuple(args))
         return await cur.fetchone()
@@ -204,7 +245,15 @@ class Storage:
             )
 
     async def enroll(
-        self, code: str, *, device_id: bytes, sign_key: bytes, cert: bytes, sig: bytes, now: int
+        self,
+        code: str,
+        *,
+        device_id: bytes,
+        sign_key: bytes,
+        cert: bytes,
+        sig: bytes,
+        now: int,
+        tx: aiosqlite.Connection | None = None,
     ) -> Practitioner:
         """Use an invitation and add the device, atomically.
 
@@ -212,7 +261,7 @@ class Storage:
             RelayError: ``invalid_invitation`` (unknown, used or expired: one answer for
                 all three) or ``device_exists``.
         """
-        async with self.transaction() as db:
+        async with self._tx(tx) as db:
             cur = await db.execute(
                 "SELECT rpps FROM invitations WHERE code_hash = ? AND used_at IS NULL"
                 " AND expires > ?",
@@ -237,9 +286,12 @@ class Storage:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (device_id, row[0], sign_key, cert, sig, now),
             )
-        p = await self.practitioner(row[0])
+            cur = await db.execute(
+                "SELECT rpps, name, profession, specialty FROM practitioners WHERE rpps = ?", (row[0],)
+            )
+            p = await cur.fetchone()
         assert p is not None  # the invitation's foreign key guarantees it
-        return p
+        return Practitioner(*p)
 
     async def practitioner(self, rpps: str) -> Practitioner | None:
         row = await self._one(
@@ -270,8 +322,8 @@ class Storage:
         )
         return [Device(*r) for r in rows]
 
-    async def revoke_device(self, device_id: bytes, *, now: int) -> bool:
-        async with self.transaction() as db:
+    async def revoke_device(self, device_id: bytes, *, now: int, tx: aiosqlite.Connection | None = None) -> bool:
+        async with self._tx(tx) as db:
             cur = await db.execute(
                 "UPDATE devices SET revoked = ? WHERE device_id = ? AND revoked IS NULL",
                 (now, device_id),
@@ -313,10 +365,11 @@ class Storage:
         to: Iterable[bytes],
         received: int,
         now: int,
+        tx: aiosqlite.Connection | None = None,
     ) -> None:
         """Insert an envelope and its deliveries in one transaction."""
         state = "stored" if received == size else "uploading"
-        async with self.transaction() as db:
+        async with self._tx(tx) as db:
             await db.execute(
                 "INSERT INTO envelopes (id, sender, prefix, envelope_hash, size, created, expires,"
                 " received, state, started_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -328,8 +381,10 @@ class Storage:
                 [(envelope_id, d) for d in to],
             )
 
-    async def set_received(self, envelope_id: bytes, received: int, *, complete: bool, now: int) -> None:
-        async with self.transaction() as db:
+    async def set_received(
+        self, envelope_id: bytes, received: int, *, complete: bool, now: int, tx: aiosqlite.Connection | None = None
+    ) -> None:
+        async with self._tx(tx) as db:
             await db.execute(
                 "UPDATE envelopes SET received = ?, state = ?, received_at = ? WHERE id = ?",
                 (received, "stored" if complete else "uploading", now if complete else None,
@@ -362,14 +417,19 @@ class Storage:
         )
         return [(EnvelopeRow(*r[:10]), r[10]) for r in rows]
 
-    async def acknowledge(self, envelope_id: bytes, device_id: bytes, *, now: int) -> bool:
-        """Mark delivered; returns True when every recipient device has now acknowledged."""
-        async with self.transaction() as db:
-            await db.execute(
+    async def acknowledge(
+        self, envelope_id: bytes, device_id: bytes, *, now: int, tx: aiosqlite.Connection | None = None
+    ) -> bool | None:
+        """Mark delivered; True when every recipient device has now acknowledged, None if this
+        device had already acknowledged (nothing changed)."""
+        async with self._tx(tx) as db:
+            cur = await db.execute(
                 "UPDATE deliveries SET acked_at = ? WHERE envelope_id = ? AND device_id = ?"
                 " AND acked_at IS NULL",
                 (now, envelope_id, device_id),
             )
+            if cur.rowcount == 0:
+                return None
             cur = await db.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE envelope_id = ? AND acked_at IS NULL",
                 (envelope_id,),

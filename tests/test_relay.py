@@ -15,6 +15,8 @@ from client import core
 from client.api import RelayClient
 from protocol.envelope import split_prefix
 from protocol.keys import DeviceKeys, DevicePublic
+from protocol.logentry import EntryType, LogEntry
+from protocol.note import TlogProof, Verifier
 from relay.app import UPLOAD_LOCKS
 from relay.routes import ENVELOPE_TYPE, _upload_lock, purge_once
 
@@ -103,6 +105,8 @@ async def test_enroll_answer_names_the_practitioner(relay: Relay) -> None:
     async with RelayClient(relay.url) as client:
         answer = await client.enroll(typed, keys.public().to_record())
     name, profession, specialty = PRACTITIONERS[CARDIO]
+    receipt = answer.pop("receipt")
+    vkey, origin = answer.pop("log_vkey"), answer.pop("log_origin")
     assert answer == {
         "device_id": keys.device_id.hex(),
         "rpps": CARDIO,
@@ -110,6 +114,12 @@ async def test_enroll_answer_names_the_practitioner(relay: Relay) -> None:
         "profession": profession,
         "specialty": specialty,
     }
+    # The enrolment is a log leaf naming the device, its RPPS and its record's hash.
+    entry = LogEntry.from_bytes(base64.b64decode(receipt["leaf"]))
+    assert entry.type == EntryType.DEVICE_ENROLLED
+    assert (entry.device_id, entry.rpps) == (keys.device_id, CARDIO)
+    assert entry.record_hash == hashlib.sha256(keys.public().to_bytes()).digest()
+    TlogProof.from_text(receipt["proof"]).verify(entry.leaf_hash, Verifier.from_vkey(vkey), origin=origin)
     rows = relay.query("SELECT rpps, revoked FROM devices WHERE device_id = ?", (keys.device_id,))
     assert rows == [(CARDIO, None)]
     assert relay.query("SELECT device_id FROM invitations WHERE used_at IS NOT NULL") == [(keys.device_id,)]
@@ -183,9 +193,12 @@ async def test_full_flow_send_inbox_open_ack_reply(relay: Relay, tmp_path: Path)
 
     async with RelayClient(relay.url, derm.keys) as client:
         answer = await client.ack(eid)
+        delivered = answer.pop("receipt")
         assert answer == {"id": sent.envelope_id, "acknowledged": True, "deleted": True}
+        assert delivered["type"] == "delivered"
         assert await client.inbox() == []
-        again = await client.ack(eid)  # acknowledging twice is harmless
+        again = await client.ack(eid)  # acknowledging twice is harmless, and logs nothing new
+        assert again.pop("receipt") == delivered
         assert again == {"id": sent.envelope_id, "acknowledged": True, "deleted": False}
     assert not blob.exists()
     assert relay.blob_files() == []
@@ -237,7 +250,10 @@ async def test_not_deleted_until_every_recipient_device_acknowledges(relay: Rela
     assert (Path(opened.folder) / "files" / "photo.jpg").read_bytes() == photo_bytes
     r = await relay.ack(derm_office.keys, eid)
     assert r.status == 200
-    assert r.json() == {"id": eid.hex(), "acknowledged": True, "deleted": True}
+    assert {k: v for k, v in r.json().items() if k != "receipt"} == {
+        "id": eid.hex(), "acknowledged": True, "deleted": True,
+    }
+    assert r.json()["receipt"]["type"] == "delivered"
     assert not relay.blob_path(eid).exists()
     assert relay.blob_files() == []
 
@@ -331,11 +347,16 @@ async def test_put_is_idempotent_and_conflicts_on_other_content(relay: Relay) ->
     state = first.json()
     signed_header, _ = split_prefix(prefix) or (None, 0)
     assert signed_header is not None
+    receipt = state.pop("receipt")
     assert state == {
         "id": eid.hex(), "complete": True, "offset": len(ct), "size": len(ct),
         "envelope_hash": base64.b64encode(hashlib.sha256(signed_header.raw).digest()).decode(),
         "received_at": now,
     }
+    submitted = LogEntry.from_bytes(base64.b64decode(receipt["leaf"]))
+    assert (submitted.type, submitted.envelope_id) == (EntryType.SUBMITTED, eid)
+    assert submitted.envelope_hash == hashlib.sha256(signed_header.raw).digest()
+    state["receipt"] = receipt
     relay.clock.advance(5)
     second = await relay.put(gp.keys, eid, prefix + ct)
     assert second.status == 200  # a retry: the current state, unchanged

@@ -223,7 +223,7 @@ async def test_serve_prints_url_serves_and_stops_on_sigterm(tmp_path: Path) -> N
     log = errlog.read_text(encoding="utf-8")
     assert "Traceback" not in log
     events = [json.loads(line)["event"] for line in log.splitlines() if line.startswith("{")]
-    assert events[0] == "relay_started"
+    assert events[:2] == ["log_opened", "relay_started"]
     assert events[-2:] == ["relay_stopping", "relay_stopped"]
 
 

@@ -1,0 +1,374 @@
+"""The relay's transparency log: storage, the group-commit sequencer, proofs.
+
+Every fact worth proving (a device enrolled or revoked, an envelope submitted,
+delivered, read, answered) is appended as a leaf (``protocol.logentry``). The
+sequencer gathers the appends that arrive within ``window`` seconds into one database
+transaction and one signed checkpoint: each submitter gets its leaf index and the
+checkpoint at once, and a burst of submissions pays one fsync and one signature.
+
+Storage, in the relay's database:
+
+- ``log_leaves(idx, data, envelope_id, type)``: the leaves;
+- ``log_nodes(level, idx, hash)``: every perfect subtree hash, written by the append
+  that completes it, so any proof is O(log n) lookups and no append ever rehashes
+  old leaves;
+- ``log_checkpoints(size, root, note)``: every signed checkpoint. A size, once signed,
+  is never signed again with another root: the sequencer refuses (and stops) first.
+
+Writers other than this process (``pli-relay revoke``) append through the same class:
+each batch re-reads the tree size inside its write transaction, so the in-memory right
+edge of the tree can never silently diverge from the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+import nacl.signing
+import structlog
+
+from protocol import merkle, note
+from protocol.logentry import LogEntry
+from relay.storage import Storage
+
+__all__ = ["Appended", "LogIntegrityError", "Skip", "TransparencyLog", "load_log_key"]
+
+log = structlog.get_logger("pli.relay.log")
+
+Action = Callable[[aiosqlite.Connection], Awaitable[None]]
+_ZERO = bytes(32)
+MAX_BATCH = 2048
+
+
+class LogIntegrityError(RuntimeError):
+    """The stored log contradicts itself or a signed checkpoint: the relay must stop."""
+
+
+class Skip(Exception):
+    """Raised by an action: nothing to append (e.g. an acknowledgement given twice)."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    index: int
+    leaf: bytes
+    size: int
+    checkpoint: str
+
+
+@dataclass
+class _Pending:
+    make: Callable[[int], LogEntry]
+    action: Action | None
+    envelope_id: bytes | None
+    future: asyncio.Future[Appended] = field(repr=False)
+
+
+def load_log_key(data: Path) -> nacl.signing.SigningKey:
+    """The relay's log key, created on first start (``DATA/log.key``, mode 0600).
+
+    Its public half is the log's identity for ever: keep a copy offline (see the
+    runbook); a new key needs a new log origin.
+    """
+    path = data / "log.key"
+    if path.exists():
+        seed = bytes.fromhex(path.read_text(encoding="ascii").strip())
+        return nacl.signing.SigningKey(seed)
+    key = nacl.signing.SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(bytes(key).hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+async def open_log(
+    data: Path, storage: Storage, *, origin: str, clock: Callable[[], int], window: float
+) -> TransparencyLog:
+    """The relay's log over ``storage``: key from ``data``, origin from the setting, else the
+    stored one, else ``pli-relay.invalid/<key id>`` (chosen once, on first start)."""
+    key = load_log_key(data)
+    if not origin:
+        origin = await storage.meta("log_origin") or ""
+    if not origin:
+        origin = "pli-relay.invalid/" + note.key_id("pli-relay", bytes(key.verify_key)).hex()
+    tlog = TransparencyLog(storage, key, origin=origin, clock=clock, window=window)
+    await tlog.open()
+    return tlog
+
+
+class TransparencyLog:
+    def __init__(
+        self,
+        storage: Storage,
+        key: nacl.signing.SigningKey,
+        *,
+        origin: str,
+        clock: Callable[[], int],
+        window: float,
+    ) -> None:
+        self.storage = storage
+        self.origin = origin
+        self.signer = note.Signer(origin, key)
+        self.verifier = self.signer.verifier
+        self._clock = clock
+        self._window = window
+        self._range = merkle.CompactRange()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    # -- start and stop ------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Check the identity and the stored tree, and sign the empty tree on first start.
+
+        Raises:
+            LogIntegrityError: another origin or key than the stored ones, or a stored
+                tree whose root is not its last signed checkpoint's.
+        """
+        for key, value in (("log_origin", self.origin), ("log_vkey", self.verifier.vkey)):
+            stored = await self.storage.meta(key)
+            if stored is None:
+                await self.storage.set_meta(key, value)
+            elif stored != value:
+                raise LogIntegrityError(
+                    f"this relay's log has {key} {stored!r}, not {value!r}: a log's origin and key "
+                    "never change (start a new log, with a new origin, in a new data folder)"
+                )
+        async with self.storage.transaction() as tx:
+            await self._reload(tx)
+            if self._range.size == 0:
+                cur = await tx.execute("SELECT 1 FROM log_checkpoints WHERE size = 0")
+                if await cur.fetchone() is None:
+                    await self._store_checkpoint(tx, self._range)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # -- appending -----------------------------------------------------------------------
+
+    async def append(
+        self,
+        make: Callable[[int], LogEntry],
+        action: Action | None = None,
+        *,
+        envelope_id: bytes | None = None,
+    ) -> Appended:
+        """Run ``action``, then append the entry ``make(now)``, in one transaction.
+
+        ``action`` writes whatever else must be true exactly when the leaf exists (an
+        envelope marked stored, a delivery marked acknowledged). If it raises, nothing
+        of this item is kept and the error comes back to the caller; the other items of
+        the batch are unaffected.
+        """
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(make, action, envelope_id, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            if self._window > 0:
+                await asyncio.sleep(self._window)
+            batch = [first]
+            while not self._queue.empty() and len(batch) < MAX_BATCH:
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except LogIntegrityError as e:
+                log.critical("log_integrity_failure", error=str(e))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                raise
+            except Exception as e:
+                log.exception("log_batch_failed", items=len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        done: list[tuple[_Pending, int, bytes]] = []
+        async with self.storage.transaction() as tx:
+            await self._reload(tx)
+            rng = self._range.copy()
+            now = self._clock()
+            leaves: list[tuple[int, bytes, bytes | None, int]] = []
+            nodes: list[tuple[int, int, bytes]] = []
+            for p in batch:
+                await tx.execute("SAVEPOINT item")
+                try:
+                    # The action first: it may learn what the entry records (an
+                    # invitation's RPPS) or find there is nothing to record (Skip).
+                    if p.action is not None:
+                        await p.action(tx)
+                    entry = p.make(now)
+                    leaf = entry.to_bytes()
+                except BaseException as e:
+                    await tx.execute("ROLLBACK TO item")
+                    await tx.execute("RELEASE item")
+                    if isinstance(e, Exception):
+                        p.future.set_exception(e)
+                        continue
+                    raise
+                await tx.execute("RELEASE item")
+                index = rng.size
+                nodes += [(n.level, n.index, n.hash) for n in rng.append(merkle.leaf_hash(leaf))]
+                leaves.append((index, leaf, p.envelope_id, int(entry.type)))
+                done.append((p, index, leaf))
+            if not done:
+                return
+            await tx.executemany(
+                "INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)", leaves
+            )
+            await tx.executemany("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
+            checkpoint = await self._store_checkpoint(tx, rng)
+        self._range = rng
+        self.batches += 1
+        for p, index, leaf in done:
+            p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint))
+
+    async def _store_checkpoint(self, tx: aiosqlite.Connection, rng: merkle.CompactRange) -> str:
+        root = rng.root()
+        cur = await tx.execute("SELECT root FROM log_checkpoints WHERE size = ?", (rng.size,))
+        row = await cur.fetchone()
+        if row is not None and row[0] != root:
+            raise LogIntegrityError(
+                f"refusing to sign a second, different root for tree size {rng.size}"
+            )
+        text = note.sign_checkpoint(note.Checkpoint(self.origin, rng.size, root), self.signer)
+        if row is None:
+            await tx.execute(
+                "INSERT INTO log_checkpoints (size, root, note, created) VALUES (?, ?, ?, ?)",
+                (rng.size, root, text, self._clock()),
+            )
+        return text
+
+    async def _reload(self, tx: aiosqlite.Connection) -> None:
+        """Bring the in-memory right edge in line with the database (another writer may have appended)."""
+        cur = await tx.execute("SELECT MAX(size) FROM log_checkpoints")
+        row = await cur.fetchone()
+        size = int(row[0]) if row and row[0] is not None else 0
+        if size == self._range.size and (size == 0 or self._range.hashes):
+            return
+        need = merkle.perfect_subtrees(0, size) if size else []
+        found = await self._nodes(tx, set(need))
+        rng = merkle.CompactRange.from_store(size, lambda level, idx: found[(level, idx)])
+        cur = await tx.execute("SELECT root FROM log_checkpoints WHERE size = ?", (size,))
+        row = await cur.fetchone()
+        if row is not None and row[0] != rng.root():
+            raise LogIntegrityError(f"the stored tree of size {size} does not match its signed checkpoint")
+        self._range = rng
+
+    # -- reading and proving ---------------------------------------------------------------
+
+    @staticmethod
+    async def _nodes(db: aiosqlite.Connection, need: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        found: dict[tuple[int, int], bytes] = {}
+        pairs = sorted(need)
+        for i in range(0, len(pairs), 400):
+            chunk = pairs[i : i + 400]
+            marks = ",".join("(?, ?)" for _ in chunk)
+            cur = await db.execute(
+                f"SELECT level, idx, hash FROM log_nodes WHERE (level, idx) IN (VALUES {marks})",  # noqa: S608
+                [v for pair in chunk for v in pair],
+            )
+            for level, idx, h in await cur.fetchall():
+                found[(level, idx)] = h
+        missing = need - found.keys()
+        if missing:
+            raise LogIntegrityError(f"log nodes missing from storage: {sorted(missing)[:4]}")
+        return found
+
+    async def _prove(self, prover: Callable[[merkle.SubtreeHashFn], list[bytes]]) -> list[bytes]:
+        # Two passes: the first learns which perfect subtrees the proof needs (their
+        # values do not change which ones), one query fetches them, the second computes.
+        need: set[tuple[int, int]] = set()
+
+        def record(level: int, idx: int) -> bytes:
+            need.add((level, idx))
+            return _ZERO
+
+        prover(merkle.range_hasher(record))
+        found = await self._nodes(self.storage.db, need)
+        return prover(merkle.range_hasher(lambda level, idx: found[(level, idx)]))
+
+    async def size(self) -> int:
+        cur = await self.storage.db.execute("SELECT MAX(size) FROM log_checkpoints")
+        row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def checkpoint(self, size: int | None = None) -> tuple[int, str]:
+        """The signed checkpoint of ``size`` (the latest when None)."""
+        if size is None:
+            cur = await self.storage.db.execute(
+                "SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1"
+            )
+        else:
+            cur = await self.storage.db.execute("SELECT size, note FROM log_checkpoints WHERE size = ?", (size,))
+        row = await cur.fetchone()
+        if row is None:
+            raise KeyError(size)
+        return int(row[0]), str(row[1])
+
+    async def inclusion(self, index: int, size: int) -> list[bytes]:
+        return await self._prove(lambda get: merkle.inclusion_proof(index, size, get))
+
+    async def consistency(self, first: int, second: int) -> list[bytes]:
+        return await self._prove(lambda get: merkle.consistency_proof(first, second, get))
+
+    async def tlog_proof(self, index: int, *, size: int | None = None, checkpoint: str | None = None) -> str:
+        """A c2sp.org/tlog-proof for leaf ``index`` (against the latest checkpoint by default)."""
+        if size is None or checkpoint is None:
+            size, checkpoint = await self.checkpoint()
+        proof = await self.inclusion(index, size)
+        return note.TlogProof(index=index, proof=tuple(proof), checkpoint=checkpoint).to_text()
+
+    async def receipt(self, appended: Appended) -> dict[str, object]:
+        """What a client keeps: the leaf and its proof against the batch's own checkpoint."""
+        return receipt_json(appended.index, appended.leaf,
+                            await self.tlog_proof(appended.index, size=appended.size, checkpoint=appended.checkpoint))
+
+
+    async def entries(self, start: int, end: int) -> list[bytes]:
+        cur = await self.storage.db.execute(
+            "SELECT data FROM log_leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
+        )
+        return [bytes(r[0]) for r in await cur.fetchall()]
+
+    async def device_leaves(self, device_id: bytes) -> list[tuple[int, bytes]]:
+        """The enrolment and revocation leaves of a device (indexed under its id: the
+        ``envelope_id`` column holds the id of whatever a leaf is about)."""
+        return await self.leaves_of(device_id)
+
+    async def leaves_of(self, envelope_id: bytes) -> list[tuple[int, bytes]]:
+        cur = await self.storage.db.execute(
+            "SELECT idx, data FROM log_leaves WHERE envelope_id = ? ORDER BY idx", (envelope_id,)
+        )
+        return [(int(r[0]), bytes(r[1])) for r in await cur.fetchall()]
+
+
+def receipt_json(index: int, leaf: bytes, proof: str) -> dict[str, object]:
+    """A receipt as the relay hands it out: the leaf, its type, its index and a tlog-proof."""
+    entry = LogEntry.from_bytes(leaf)
+    return {
+        "type": entry.type.name.lower(),
+        "index": index,
+        "leaf": base64.b64encode(leaf).decode(),
+        "proof": proof,
+    }
