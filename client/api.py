@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import ssl
 import time
@@ -158,6 +159,66 @@ class RelayClient:
 
     async def ack(self, envelope_id: bytes) -> dict[str, Any]:
         result: dict[str, Any] = await self._request("POST", f"/v1/envelopes/{envelope_id.hex()}/ack")
+        return result
+
+    async def checkpoint(self) -> str:
+        """The log's latest signed checkpoint, as text (public: unsigned request)."""
+        url = self._url("/checkpoint")
+        try:
+            async with self.session.get(url) as resp:
+                if resp.status != 200:
+                    await _raise_problem(resp)
+                raw = await resp.content.read(32768 + 1)
+        except aiohttp.ClientError as e:
+            raise RelayUnreachable(f"cannot reach the relay at {self.base}: {e}") from e
+        if len(raw) > 32768:
+            raise RelayProblem(200, "too_large", "the relay's checkpoint is too large")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RelayProblem(200, "malformed", "the relay's checkpoint is not UTF-8") from e
+
+    async def log_vkey(self) -> str:
+        result = await self._text("/log/vkey")
+        return result.strip()
+
+    async def _text(self, path: str) -> str:
+        try:
+            async with self.session.get(self._url(path)) as resp:
+                if resp.status != 200:
+                    await _raise_problem(resp)
+                return (await resp.content.read(4096)).decode("utf-8", "replace")
+        except aiohttp.ClientError as e:
+            raise RelayUnreachable(f"cannot reach the relay at {self.base}: {e}") from e
+
+    async def consistency(self, first: int, second: int) -> list[bytes]:
+        result = await self._request(
+            "GET", "/log/consistency", query={"first": str(first), "second": str(second)}, signed=False
+        )
+        return [unb64(h) for h in result["proof"]]
+
+    async def entries(self, start: int, end: int) -> list[bytes]:
+        result = await self._request(
+            "GET", "/log/entries", query={"start": str(start), "end": str(end)}, signed=False
+        )
+        return [unb64(e) for e in result["entries"]]
+
+    async def receipts(self, envelope_id: bytes) -> list[dict[str, Any]]:
+        result = await self._request("GET", f"/v1/envelopes/{envelope_id.hex()}/receipts")
+        return list(result["receipts"])
+
+    async def read(self, envelope_id: bytes, read_at: int, signature: bytes) -> dict[str, Any]:
+        body = json.dumps({"read_at": read_at, "signature": b64(signature)}).encode()
+        result: dict[str, Any] = await self._request(
+            "POST", f"/v1/envelopes/{envelope_id.hex()}/read", body=body, content_type="application/json"
+        )
+        return result
+
+    async def answered(self, envelope_id: bytes, answer: bytes, answered_at: int, signature: bytes) -> dict[str, Any]:
+        body = json.dumps({"answer": answer.hex(), "answered_at": answered_at, "signature": b64(signature)}).encode()
+        result: dict[str, Any] = await self._request(
+            "POST", f"/v1/envelopes/{envelope_id.hex()}/answered", body=body, content_type="application/json"
+        )
         return result
 
     async def upload(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client import logstate
 from client.api import Progress, RelayClient, unb64
 from client.home import Home, Profile, atomic_write
 from protocol import age
@@ -28,6 +29,7 @@ from protocol.envelope import EnvelopeHeader, SignedHeader, seal_header, split_p
 from protocol.errors import BundleError, DecodeError, NotARecipientError, PliError
 from protocol.ids import check_rpps
 from protocol.keys import DeviceKeys, DevicePublic
+from protocol.logentry import sign_answered, sign_read
 
 __all__ = [
     "OpenedEnvelope",
@@ -108,17 +110,25 @@ def _hash_file(path: Path) -> FileEntry:
 
 
 async def enroll(home: Home, keys: DeviceKeys, relay_url: str, code: str) -> Profile:
+    """Join a relay; pin its log key (trust on first use, like the practitioners' keys)."""
+    me = keys.public()
     async with RelayClient(relay_url) as relay:
-        answer = await relay.enroll(code, keys.public().to_record())
-    profile = Profile(
-        relay=relay_url.rstrip("/"),
-        device_id=answer["device_id"],
-        rpps=answer["rpps"],
-        name=answer["name"],
-        profession=answer["profession"],
-        specialty=answer["specialty"],
-    )
-    home.save_profile(profile)
+        answer = await relay.enroll(code, me.to_record())
+        try:
+            profile = Profile(
+                relay=relay_url.rstrip("/"), device_id=answer["device_id"], rpps=answer["rpps"],
+                name=answer["name"], profession=answer["profession"], specialty=answer["specialty"],
+                log_origin=answer["log_origin"], log_vkey=answer["log_vkey"],
+            )
+            receipt = answer["receipt"]
+        except KeyError as e:
+            raise DecodeError(f"the relay's enrolment answer lacks {e}") from e
+        home.save_profile(profile)
+        entry = await logstate.store_receipt(home, relay, me.device_id.hex(), receipt)
+        if entry.record_hash != hashlib.sha256(me.to_bytes()).digest() or entry.rpps != profile.rpps:
+            logstate.raise_alarm(home, "enrolment logged wrongly", "the log records other keys for this device")
+        logstate.store_device(home, me, profile.rpps, profile.name)
+        await logstate.check_log(home, relay)
     return profile
 
 
@@ -142,6 +152,8 @@ async def practitioner_devices(
     if not devices:
         raise ClientError(f"{info.get('name', rpps)} has no enrolled device yet")
     first = home.check_pins(info["rpps"], devices)
+    for d in devices:
+        logstate.store_device(home, d, info["rpps"], info.get("name", ""))
     return info, devices, first
 
 
@@ -176,7 +188,7 @@ async def send(
     entries = await asyncio.to_thread(lambda: [_hash_file(f) for f in files])
     if len({e.name.casefold() for e in entries}) != len(entries):
         raise ClientError("two attachments have the same name; rename one")
-    async with _relay(profile, keys, relay) as r:
+    async with _relay(home, profile, keys, relay) as r:
         recipients: list[DevicePublic] = []
         peers: list[dict[str, Any]] = []
         first_contacts: list[str] = []
@@ -217,6 +229,11 @@ async def send(
         signed = seal_header(header, keys.signing_key)
         atomic_write(home.envelopes / f"{envelope_id.hex()}.prefix", signed.prefix, mode=0o600)
         state = await r.upload(envelope_id, signed.prefix, ct_path, progress=progress)
+        if not state.get("receipt"):
+            raise ClientError("the relay stored the envelope without a receipt")
+        entry = await logstate.store_receipt(home, r, envelope_id.hex(), state["receipt"])
+        if entry.envelope_hash != signed.envelope_hash or entry.signature != signed.signature:
+            logstate.raise_alarm(home, "submission logged wrongly", "the receipt names another envelope")
     home.record(
         id=envelope_id.hex(), case_id=case.hex(), direction="sent", kind=kind,
         peer_rpps=",".join(p["rpps"] for p in peers), peer_name=", ".join(p["name"] for p in peers),
@@ -267,17 +284,26 @@ def _encrypt_bundle(
 
 
 class _relay:  # noqa: N801 - used as a context manager helper
-    """Reuse a caller's RelayClient, or open one for this call."""
+    """Reuse a caller's RelayClient, or open one for this call; either way, check the
+    relay's log against what this device saw before doing anything else."""
 
-    def __init__(self, profile: Profile, keys: DeviceKeys, given: RelayClient | None) -> None:
+    def __init__(self, home: Home, profile: Profile, keys: DeviceKeys, given: RelayClient | None) -> None:
+        self._home = home
         self._given = given
         self._own = None if given else RelayClient(profile.relay, keys)
 
     async def __aenter__(self) -> RelayClient:
         if self._given is not None:
-            return self._given
-        assert self._own is not None
-        return await self._own.__aenter__()
+            relay = self._given
+        else:
+            assert self._own is not None
+            relay = await self._own.__aenter__()
+        try:
+            await logstate.check_log(self._home, relay)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return relay
 
     async def __aexit__(self, *exc: object) -> None:
         if self._own is not None:
@@ -289,7 +315,7 @@ class _relay:  # noqa: N801 - used as a context manager helper
 
 async def inbox(home: Home, keys: DeviceKeys, *, relay: RelayClient | None = None) -> list[dict[str, Any]]:
     profile = _session(home)
-    async with _relay(profile, keys, relay) as r:
+    async with _relay(home, profile, keys, relay) as r:
         entries = await r.inbox()
     for e in entries:
         pinned = home.pinned(e.get("from_rpps", "")) or {}
@@ -319,7 +345,7 @@ async def open_envelope(
 ) -> OpenedEnvelope:
     """Download, verify, decrypt and file one envelope, then acknowledge it to the relay."""
     profile = _session(home)
-    async with _relay(profile, keys, relay) as r:
+    async with _relay(home, profile, keys, relay) as r:
         entry = await _find(r, envelope_id)
         eid = bytes.fromhex(entry["id"])
         prefix_path = home.envelopes / f"{eid.hex()}.prefix"
@@ -357,8 +383,14 @@ async def open_envelope(
         except PliError:
             _set_aside(prefix_path, age_path)
             raise
+        # Opened and verified: say so, signed, in the log (the read receipt travels back to
+        # the sender through it), then acknowledge delivery so the relay may delete it.
+        read_at = _now()
+        read = await r.read(eid, read_at, sign_read(keys.signing_key, signed.envelope_hash, read_at))
+        await logstate.store_receipt(home, r, eid.hex(), read["receipt"])
         if acknowledge:
-            await r.ack(eid)
+            acked = await r.ack(eid)
+            await logstate.store_receipt(home, r, eid.hex(), acked["receipt"])
     m = opened.manifest
     result = OpenedEnvelope(
         envelope_id=eid.hex(), case_id=m.case_id.hex(), kind=m.kind, sender_rpps=m.sender.rpps,
@@ -498,11 +530,27 @@ async def reply(
             if not matches else f"{envelope_id!r} matches several envelopes: type more characters"
         )
     original = matches[0]
-    return await send(
-        home, keys, to=[original["peer_rpps"]], kind="reply",
-        body={"in_reply_to": bytes.fromhex(original["id"]), "text": text},
-        files=files, case_id=bytes.fromhex(original["case_id"]), progress=progress, relay=relay,
-    )
+    profile = _session(home)
+    async with _relay(home, profile, keys, relay) as r:
+        sent = await send(
+            home, keys, to=[original["peer_rpps"]], kind="reply",
+            body={"in_reply_to": bytes.fromhex(original["id"]), "text": text},
+            files=files, case_id=bytes.fromhex(original["case_id"]), progress=progress, relay=r,
+        )
+        # The answered receipt: this device signs that its envelope answers the original.
+        answered_at = _now()
+        question, answer = _envelope_hash(home, original["id"]), _envelope_hash(home, sent.envelope_id)
+        result = await r.answered(bytes.fromhex(original["id"]), bytes.fromhex(sent.envelope_id), answered_at,
+                                  sign_answered(keys.signing_key, question, answer, answered_at))
+        await logstate.store_receipt(home, r, original["id"], result["receipt"])
+    return sent
+
+
+def _envelope_hash(home: Home, envelope_id: str) -> bytes:
+    split = split_prefix((home.envelopes / f"{envelope_id}.prefix").read_bytes())
+    if split is None:
+        raise DecodeError(f"the archived header of {envelope_id} is cut short")
+    return split[0].envelope_hash
 
 
 ProgressFactory = Callable[[str], Progress | None]

@@ -49,6 +49,8 @@ class Profile:
     name: str = ""
     profession: str = ""
     specialty: str = ""
+    log_origin: str = ""
+    log_vkey: str = ""
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -83,6 +85,32 @@ CREATE TABLE IF NOT EXISTS envelopes (
     folder TEXT
 );
 CREATE INDEX IF NOT EXISTS envelopes_case ON envelopes(case_id, created);
+CREATE TABLE IF NOT EXISTS receipts (
+    idx INTEGER PRIMARY KEY,
+    envelope_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    leaf BLOB NOT NULL,
+    proof TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS receipts_envelope ON receipts(envelope_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    root BLOB NOT NULL,
+    note TEXT NOT NULL,
+    seen_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consistency (
+    first INTEGER NOT NULL,
+    second INTEGER NOT NULL,
+    proof BLOB NOT NULL,
+    PRIMARY KEY (first, second)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    rpps TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record BLOB NOT NULL
+);
 """
 
 
