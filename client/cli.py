@@ -315,6 +315,116 @@ def demo(c: Ctx, workdir: Path | None, relay_url: str | None, relay_data: Path |
         emit(True, result, "")
 
 
+@cli.group()
+def audit() -> None:
+    """Prove a case: export its audit package, verify one offline, monitor a relay's log.
+
+    \b
+      pli audit export 3f2a -o cas-3f2a.pliaudit [--with-content]
+      pli audit verify cas-3f2a.pliaudit [--vkey KEY]
+      pli audit monitor https://relay.ars.example [--interval 300]
+    """
+
+
+@audit.command(name="export")
+@click.argument("case")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The package file to write.")
+@click.option("--with-content", is_flag=True,
+              help="Include the decrypted manifest and files (medical content: handle as a medical record).")
+@pass_ctx
+def audit_export(c: Ctx, case: str, out: Path, with_content: bool) -> None:
+    """Write CASE's audit package: receipts, proofs, checkpoints, keys (and the content with --with-content)."""
+    from client.api import RelayClient  # noqa: PLC0415
+    from client.audit import export_package  # noqa: PLC0415
+
+    keys = c.keys()
+    profile = c.home.profile()
+
+    async def go() -> dict[str, Any]:
+        async with RelayClient(profile.relay, keys) as r:
+            return await export_package(c.home, r, keys, case, out, with_content=with_content)
+
+    result = run(go())
+    emit(c.json, result, tr(
+        f"Paquet d'audit écrit : {out} ({result['envelopes']} plis, {result['receipts']} accusés, "
+        f"{result['checkpoints']} points de contrôle{', avec le contenu' if with_content else ''}).\n"
+        f"Vérification hors ligne : pli audit verify {out}",
+        f"Audit package written: {out} ({result['envelopes']} envelopes, {result['receipts']} receipts, "
+        f"{result['checkpoints']} checkpoints{', with content' if with_content else ''}).\n"
+        f"Verify offline: pli audit verify {out}"))
+
+
+@audit.command(name="verify")
+@click.argument("package", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--vkey", help="The log key you trust (as the relay's operator publishes it); default: the package's.")
+@pass_ctx
+def audit_verify(c: Ctx, package: Path, vkey: str | None) -> None:
+    """Verify an audit package offline and print the case's timeline. Exit 1 if anything fails."""
+    from client.audit import verify_package  # noqa: PLC0415
+
+    rep = verify_package(package, vkey=vkey)
+    if c.json:
+        emit(True, rep.to_json(), "")
+    else:
+        lines = [tr(f"Dossier {rep.case_id}", f"Case {rep.case_id}"), tr("Chronologie (heure du journal du relais) :",
+                 "Timeline (relay log time):")]
+        for e in rep.timeline:
+            env = f" {tr('pli', 'envelope')} {e['envelope'][:12]}" if e["envelope"] else ""
+            lines.append(f"  {e['when']}  {e['event']:<10} {e['who']}{env} {e['detail']}".rstrip())
+        lines += [f"  ✓ {check}" for check in rep.checks]
+        lines += [f"  ✗ {failure}" for failure in rep.failures]
+        lines.append(tr("VERDICT : vérifié — signatures, preuves et points de contrôle concordent." if rep.ok
+                        else f"VERDICT : ÉCHEC — {len(rep.failures)} vérification(s) en échec.",
+                        "VERDICT: verified — every signature, proof and checkpoint checks out." if rep.ok
+                        else f"VERDICT: FAILED — {len(rep.failures)} check(s) failed."))
+        print("\n".join(lines))
+    if not rep.ok:
+        sys.exit(1)
+
+
+@audit.command(name="monitor")
+@click.argument("url")
+@click.option("--state", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to keep what was seen [default ~/.pli-monitor/<relay>.json].")
+@click.option("--vkey", help="The log key to trust (default: fetched on the first run, then pinned).")
+@click.option("--interval", type=click.FloatRange(1), help="Check again every N seconds until Ctrl-C.")
+@pass_ctx
+def audit_monitor(c: Ctx, url: str, state: Path | None, vkey: str | None, interval: float | None) -> None:
+    """Follow a relay's log: each checkpoint must extend the last one seen, and its entries
+    must hash to it. Exit 3 on a fork, a rollback or a bad signature (and every run after)."""
+    import hashlib  # noqa: PLC0415
+
+    from client.api import RelayClient  # noqa: PLC0415
+    from client.audit import AuditError, monitor_once  # noqa: PLC0415
+
+    path = state or Path.home() / ".pli-monitor" / (hashlib.sha256(url.encode()).hexdigest()[:16] + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def go() -> None:
+        async with RelayClient(url) as r:
+            while True:
+                result = await monitor_once(r, path, vkey=vkey)
+                emit(c.json, result, tr(
+                    f"{time.strftime('%H:%M:%S')} journal {result['origin']} : taille {result['size']}, "
+                    f"{result['new_entries']} nouvelle(s) entrée(s) vérifiée(s), cohérent.",
+                    f"{time.strftime('%H:%M:%S')} log {result['origin']}: size {result['size']}, "
+                    f"{result['new_entries']} new entries verified, consistent."))
+                if result["first_run"] and not vkey and not c.json:
+                    print(tr(f"  Première observation : clé du journal épinglée {result['vkey']} — comparez-la "
+                             "à celle que publie l'opérateur du relais.",
+                             f"  First run: log key pinned {result['vkey']} — compare it with the one the "
+                             "relay's operator publishes."))
+                if interval is None:
+                    return
+                await asyncio.sleep(interval)
+
+    try:
+        run(go())
+    except AuditError as e:
+        _fail("log_alarm", tr(f"ALERTE : {e}", f"ALERT: {e}"), 3)
+
+
 def main() -> None:
     try:
         cli(prog_name="pli", standalone_mode=False)

@@ -152,8 +152,10 @@ async def practitioner_devices(
     if not devices:
         raise ClientError(f"{info.get('name', rpps)} has no enrolled device yet")
     first = home.check_pins(info["rpps"], devices)
-    for d in devices:
+    for d, raw in zip(devices, info.get("devices", []), strict=True):
         logstate.store_device(home, d, info["rpps"], info.get("name", ""))
+        for receipt in raw.get("receipts", []):
+            await logstate.store_receipt(home, relay, d.device_id.hex(), receipt)
     return info, devices, first
 
 
@@ -245,6 +247,18 @@ async def send(
         envelope_id=envelope_id.hex(), case_id=case.hex(), to=peers, size=size,
         received_at=state.get("received_at"), first_contacts=first_contacts,
     )
+
+
+async def refresh_receipts(home: Home, r: RelayClient, envelope_ids: list[bytes]) -> int:
+    """Fetch and verify the receipts the relay holds for these envelopes; returns how many were new."""
+    new = 0
+    for eid in envelope_ids:
+        known = {x["index"] for x in logstate.receipts_of(home, eid.hex())}
+        for receipt in await r.receipts(eid):
+            if receipt.get("index") not in known:
+                await logstate.store_receipt(home, r, eid.hex(), receipt)
+                new += 1
+    return new
 
 
 class _HashingWriter:
@@ -357,6 +371,8 @@ async def open_envelope(
         # Who sent it: the relay says which device; the directory and our pins say whose.
         dev_info = await r.device(bytes.fromhex(entry["from"]))
         sender = _record_from_json(dev_info)
+        for receipt in dev_info.get("receipts", []):
+            await logstate.store_receipt(home, r, sender.device_id.hex(), receipt)
         if sender.device_id.hex() != entry["from"] or dev_info.get("rpps") != entry.get("from_rpps"):
             raise BundleError("the relay's answers about the sender disagree")
         _info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
@@ -391,6 +407,10 @@ async def open_envelope(
         if acknowledge:
             acked = await r.ack(eid)
             await logstate.store_receipt(home, r, eid.hex(), acked["receipt"])
+        # Keep the log's evidence of this envelope (its submission) and, for an answer, of
+        # the question's fate (delivered, read, answered): an audit export then works offline.
+        await refresh_receipts(home, r, [eid] + ([opened.manifest.body["in_reply_to"]]
+                                                  if "in_reply_to" in opened.manifest.body else []))
     m = opened.manifest
     result = OpenedEnvelope(
         envelope_id=eid.hex(), case_id=m.case_id.hex(), kind=m.kind, sender_rpps=m.sender.rpps,

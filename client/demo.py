@@ -20,7 +20,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from client import core
+from client import audit, core
+from client.api import RelayClient
 from client.home import Home
 from client.ui import tr
 from protocol.errors import PliError
@@ -203,9 +204,9 @@ def run_demo(
         result = asyncio.run(_exchange(root, url, code_list, say, scan))
         scan()
         if scans:
-            say(tr(f"8. Le relais n'a jamais détenu de contenu en clair : {sum(scans)} fichiers examinés, "
+            say(tr(f"9. Le relais n'a jamais détenu de contenu en clair : {sum(scans)} fichiers examinés, "
                    "pendant et après l'échange (nom de la patiente, question, réponse, photo, PDF).",
-                   f"8. The relay never held plaintext: {sum(scans)} files scanned during and after "
+                   f"9. The relay never held plaintext: {sum(scans)} files scanned during and after "
                    "the exchange (patient name, question, answer, photo and PDF bytes)."))
             result["relay_files_scanned"] = sum(scans)
         result["seconds"] = round(time.monotonic() - started, 2)
@@ -283,6 +284,19 @@ async def _exchange(root: Path, url: str, codes: list[str], say: Any, scan: Any)
         raise DemoError("the answer does not belong to the case")
     say(tr(f"7. Le Dr Martin lit la réponse (signature vérifiée) : « {back.body['text']} »",
            f"7. Dr Martin reads the answer (signature verified): \u201c{back.body['text']}\u201d"))
+    package = root / "audit" / f"dossier-{sent.case_id[:12]}.pliaudit"
+    async with RelayClient(url, gp_keys) as r:
+        exported = await audit.export_package(gp_home, r, gp_keys, sent.case_id, package, with_content=True)
+    report = audit.verify_package(package)
+    if not report.ok:
+        raise DemoError("the audit package does not verify: " + "; ".join(report.failures))
+    say(tr(f"8. Paquet d'audit du dossier exporté ({exported['receipts']} accusés signés) et vérifié hors ligne :",
+           f"8. The case's audit package is exported ({exported['receipts']} signed receipts) and verified offline:"))
+    for e in report.timeline:
+        env = f" {e['envelope'][:12]}" if e["envelope"] else ""
+        say(f"     {e['when']}  {e['event']:<10} {e['who']}{env} {e['detail']}".rstrip())
+    say(tr("   Verdict : vérifié — signatures, preuves d'inclusion et cohérence du journal.",
+           "   Verdict: verified — signatures, inclusion proofs and log consistency all check out."))
     return {
         "relay": url,
         "case_id": sent.case_id,
@@ -290,4 +304,6 @@ async def _exchange(root: Path, url: str, codes: list[str], say: Any, scan: Any)
         "answer": answer.envelope_id,
         "answer_text": back.body["text"],
         "attachments": [f["name"] for f in opened.files],
+        "audit_package": str(package),
+        "audit": report.to_json(),
     }

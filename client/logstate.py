@@ -132,7 +132,7 @@ async def store_receipt(home: Home, relay: RelayClient, subject: str, receipt: d
         proof_text = str(receipt["proof"])
         proof = note.TlogProof.from_text(proof_text)
         if proof.index != receipt["index"]:
-            raise PliError("the receipt's index and its proof's differ", code="bad_proof")  # noqa: TRY301
+            raise PliError("the receipt's index and its proof's differ", code="bad_proof")  # noqa: TRY301  # noqa: TRY301
         proof.verify(merkle.leaf_hash(leaf), vk, origin=origin)
     except (KeyError, TypeError, ValueError) as e:
         raise_alarm(home, "malformed receipt", f"the relay sent a receipt that does not parse: {e}")

@@ -167,14 +167,17 @@ async def directory(request: web.Request) -> web.Response:
     if p is None:
         raise not_found("no practitioner with this RPPS number on this relay")
     devices = await storage.devices_of(rpps)
+    tlog = request.app[LOG]
+    size, checkpoint = await tlog.checkpoint()
+    out = []
+    for d in devices:
+        # Each device with the proof that its enrolment is in the log, so a client keeps
+        # evidence of every key it encrypted to (SPEC.md §11).
+        receipts = [receipt_json(i, leaf, await tlog.tlog_proof(i, size=size, checkpoint=checkpoint))
+                    for i, leaf in await tlog.device_leaves(d.device_id)]
+        out.append({**_device_json(d), "receipts": receipts})
     return web.json_response(
-        {
-            "rpps": p.rpps,
-            "name": p.name,
-            "profession": p.profession,
-            "specialty": p.specialty,
-            "devices": [_device_json(d) for d in devices],
-        }
+        {"rpps": p.rpps, "name": p.name, "profession": p.profession, "specialty": p.specialty, "devices": out}
     )
 
 

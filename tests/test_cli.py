@@ -272,5 +272,6 @@ def test_demo_keeps_its_workdir(tmp_path: Path) -> None:
 def test_demo_prints_each_step() -> None:
     out = pli(None, "demo").stdout
     for step in ("1. Relay started", "3. Dr Martin sends", "5. Dr Benali opens", "7. Dr Martin reads",
-                 "8. The relay never held plaintext", "Demo passed"):
+                 "8. The case's audit package is exported", "Verdict: verified", "9. The relay never held plaintext",
+                 "Demo passed"):
         assert step in out
