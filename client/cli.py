@@ -113,6 +113,17 @@ def cli(ctx: click.Context, home: Path | None, as_json: bool) -> None:
       pli demo
     """
     ctx.obj = Ctx(Home(home) if home else Home.default(), as_json)
+    # A log alarm stops everything that would trust the relay again, until a person looks.
+    from client.logstate import ALARM_FILE, LogAlarm, alarm  # noqa: PLC0415
+
+    raised = alarm(ctx.obj.home) if ctx.invoked_subcommand not in {"audit", "whoami", "demo", None} else None
+    if raised:
+        raise LogAlarm(
+            f"{raised['what']}: {raised['detail']} (recorded in {ctx.obj.home.root / ALARM_FILE}). "
+            + tr("Ne vous fiez plus à ce relais ; prévenez son opérateur (votre ARS) "
+                 "et gardez ce fichier comme preuve.",
+                 "Do not rely on this relay; tell its operator (your ARS) and keep that file as evidence.")
+        )
 
 
 @cli.command()
@@ -437,7 +448,7 @@ def main() -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except PliError as e:
-        _fail(e.code, error_text(e), 1)
+        _fail(e.code, error_text(e), 3 if e.code == "log_alarm" else 1)
     except KeyboardInterrupt:
         click.echo(tr("Interrompu.", "Interrupted."), err=True)
         sys.exit(130)

@@ -90,6 +90,11 @@ async def observe(home: Home, relay: RelayClient, text: str, *, latest: bool) ->
         raise_alarm(home, "checkpoint not signed by the relay's log key", str(e), checkpoint=text)
     held = held_checkpoints(home)
     roots = {size: root for size, (root, _) in held.items()}
+    if latest and held and cp.size < max(held):
+        # Checked first: going back to a size seen earlier is a rollback all the same.
+        top = max(held)
+        raise_alarm(home, "rollback", f"the relay's log went back from size {top} to {cp.size}",
+                    checkpoint=text, earlier=held[top][1])
     if cp.size in roots:
         if roots[cp.size] != cp.root_hash:
             raise_alarm(home, "fork", f"two different trees of size {cp.size} signed by the relay",
@@ -97,9 +102,6 @@ async def observe(home: Home, relay: RelayClient, text: str, *, latest: bool) ->
         return cp
     if held:
         top = max(held)
-        if latest and cp.size < top:
-            raise_alarm(home, "rollback", f"the relay's log went back from size {top} to {cp.size}",
-                        checkpoint=text, earlier=held[top][1])
         first, second = sorted((cp.size, top))
         old_root, new_root = (cp.root_hash, roots[top]) if cp.size < top else (roots[top], cp.root_hash)
         proof = await relay.consistency(first, second)

@@ -66,6 +66,10 @@ _ADVICE: dict[str, tuple[str, str]] = {
         "This computer's clock is off by more than 5 minutes: set the time right.",
     ),
     "invalid_identifier": ("Identifiant invalide.", "Invalid identifier."),
+    "log_alarm": (
+        "ALERTE : le journal du relais contredit ce que cet ordinateur a déjà vu ; il a pu réécrire l'historique.",
+        "ALERT: the relay's log contradicts what this computer saw before; it may have rewritten history.",
+    ),
 }
 
 
