@@ -51,10 +51,10 @@ class UploadSlot:
 
 UPLOAD_LOCKS: web.AppKey[dict[bytes, UploadSlot]] = web.AppKey("upload_locks")
 
-#: request key under which the authenticated device is stored
-DEVICE = "pli.device"
-#: request key for the verified Content-Digest (32 bytes)
-DIGEST = "pli.digest"
+#: the authenticated device, set by auth_middleware
+DEVICE = web.RequestKey("device", Device)
+#: the verified Content-Digest (32 bytes), set by auth_middleware
+DIGEST = web.RequestKey("digest", bytes)
 
 PUBLIC_ROUTES = frozenset(
     {"health", "enroll", "checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries"}
