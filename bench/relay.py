@@ -1,0 +1,220 @@
+"""Relay submissions per second, against a bare aiohttp handler measured in the same run.
+
+    python bench/relay.py                 # 8 s per run, 64 connections
+    python bench/relay.py --quick         # a short run, for CI
+
+Each submission is a real one: a 4 KiB envelope whose routing header is signed by the
+device, sent as a PUT signed with RFC 9421, checked, stored durably (SQLite WAL with
+synchronous=FULL, as shipped), logged in the transparency log and answered with its
+receipt and inclusion proof. Requests are built and signed before the timed phase and
+replayed by a small raw-socket HTTP/1.1 client, so the load generator's own cost is
+low; it runs in this process, the relay (one worker) in another.
+
+The baseline is a bare aiohttp handler that reads the body and answers 200, in its own
+process, fed the very same requests by the same client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.api import RelayClient
+from protocol import httpsig
+from protocol.envelope import EnvelopeHeader, seal_header
+from protocol.keys import DeviceKeys
+
+BODY = 4096
+GP = ("10000005479", "Dr Claire Martin")
+DERM = ("10000012343", "Dr Karim Benali")
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://"):
+        proc.kill()
+        raise SystemExit(f"server did not start: {args}")
+    return proc, url
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def _enrol(url: str, data: Path) -> tuple[DeviceKeys, DeviceKeys]:
+    keys = []
+    for rpps, name in (GP, DERM):
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "relay", "invite", "--data", str(data), "--rpps", rpps, "--name", name,
+             "--profession", "médecin", "--json"], capture_output=True, text=True, check=True,
+        )
+        k = DeviceKeys.generate(now=int(time.time()))
+        async with RelayClient(url) as r:
+            await r.enroll(json.loads(out.stdout)["code"], k.public().to_record())
+        keys.append(k)
+    return keys[0], keys[1]
+
+
+def _requests(url: str, sender: DeviceKeys, recipient: DeviceKeys, n: int) -> list[bytes]:
+    """n complete HTTP/1.1 requests, each a signed submission of a fresh 4 KiB envelope."""
+    host = url.removeprefix("http://")
+    authority = host
+    now = int(time.time())
+    keyid = sender.device_id.hex()
+    signing = sender.signing_key
+    out = []
+    for _ in range(n):
+        eid = os.urandom(16)
+        ct = os.urandom(BODY)
+        header = EnvelopeHeader(id=eid, sender=sender.device_id, to=(recipient.device_id,), created=now,
+                                expires=now + 86400, size=len(ct), sha256=hashlib.sha256(ct).digest())
+        body = seal_header(header, signing).prefix + ct
+        path = f"/v1/envelopes/{eid.hex()}"
+        headers = httpsig.sign_request(
+            method="PUT", authority=authority, path=path, query="",
+            content_digest=httpsig.content_digest(hashlib.sha256(body).digest()),
+            signing_key=signing, keyid=keyid, created=now, nonce=httpsig.encode_nonce(os.urandom(16)),
+        )
+        head = (f"PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/vnd.pli.envelope\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n")
+        out.append(head.encode() + body)
+    return out
+
+
+async def _load(url: str, requests: list[bytes], connections: int, seconds: float) -> dict[str, float]:
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    it = iter(requests)
+    latencies: list[float] = []
+    errors = 0
+    deadline = 0.0
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.perf_counter() < deadline:
+                req = next(it, None)
+                if req is None:
+                    return
+                t0 = time.perf_counter()
+                writer.write(req)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t0)
+                if status >= 300:
+                    errors += 1
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else 0.0,
+        "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))] if latencies else 0.0,
+        "done": float(len(latencies)),
+        "errors": float(errors),
+    }
+
+
+def baseline_server() -> None:
+    """A bare aiohttp handler: read the body, answer 200 (run as its own process)."""
+    from aiohttp import web  # noqa: PLC0415
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"ok": True}, status=201)
+
+    async def main() -> None:
+        app = web.Application(client_max_size=8 << 20)
+        app.router.add_put("/v1/envelopes/{id}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001
+        print(f"http://127.0.0.1:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _relay_run(tmp: Path, name: str, n: int, connections: int, seconds: float, env: dict[str, str]) -> dict[str, float]:
+    data = tmp / name
+    proc, url = _start(["-m", "relay", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
+                       {"PLI_RELAY_LOG_FORMAT": "json", **env})
+    try:
+        gp, derm = asyncio.run(_enrol(url, data))
+        reqs = _requests(url, gp, derm, n)
+        result = asyncio.run(_load(url, reqs, connections, seconds))
+    finally:
+        _stop(proc)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=40_000, help="requests signed ahead per run")
+    ap.add_argument("--quick", action="store_true", help="a short run (CI)")
+    ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_server:
+        baseline_server()
+        return
+    if args.quick:
+        args.seconds, args.requests, args.connections = 1.0, 1500, 16
+    with tempfile.TemporaryDirectory(prefix="pli-bench-") as t:
+        tmp = Path(t)
+        proc, url = _start([__file__, "--baseline-server"])
+        try:
+            dummy = DeviceKeys.generate(now=int(time.time()))
+            base = asyncio.run(_load(url, _requests(url, dummy, dummy, args.requests), args.connections,
+                                     args.seconds))
+        finally:
+            _stop(proc)
+        relay = _relay_run(tmp, "relay", args.requests, args.connections, args.seconds, {})
+        nowindow = _relay_run(tmp, "relay0", args.requests, args.connections, args.seconds,
+                              {"PLI_RELAY_GROUP_COMMIT_MS": "0"})
+    if relay["errors"] or nowindow["errors"]:
+        raise SystemExit(f"relay refused submissions: {relay['errors']:.0f} / {nowindow['errors']:.0f}")
+    for label, r in (("bare aiohttp handler", base), ("Pli relay", relay), ("Pli relay, group commit 0 ms", nowindow)):
+        print(f"{label:<30} {r['rps']:8.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
+              f"   ({r['done']:.0f} requests)")
+    print(f"relay / baseline: {relay['rps'] / base['rps']:.1%} (target >= 35%)")
+    print(f"group commit 0 ms / baseline: {nowindow['rps'] / base['rps']:.1%}")
+
+
+if __name__ == "__main__":
+    main()
