@@ -26,7 +26,7 @@ from protocol.ids import check_rpps
 from protocol.logentry import EntryType, LogEntry
 from relay.app import create_app
 from relay.config import ConfigError, RelayConfig, load_config
-from relay.log import Skip, open_log
+from relay.log import Skip, device_subject, open_log
 from relay.storage import Practitioner, Storage
 
 __all__ = ["main"]
@@ -253,7 +253,7 @@ def revoke(ctx: click.Context, data: Path | None, device_id: str) -> None:
         try:
             appended = await tlog.append(
                 lambda now: LogEntry(type=EntryType.DEVICE_REVOKED, time=now, device_id=raw, rpps=found[0]),
-                action, envelope_id=raw,
+                action, envelope_id=device_subject(raw),
             )
         except Skip:
             return None

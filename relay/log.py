@@ -38,7 +38,7 @@ from protocol import merkle, note
 from protocol.logentry import LogEntry
 from relay.storage import Storage
 
-__all__ = ["Appended", "LogIntegrityError", "Skip", "TransparencyLog", "load_log_key"]
+__all__ = ["Appended", "LogIntegrityError", "Skip", "TransparencyLog", "device_subject", "load_log_key"]
 
 log = structlog.get_logger("pli.relay.log")
 
@@ -124,6 +124,7 @@ class TransparencyLog:
         self._range = merkle.CompactRange()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._failed: LogIntegrityError | None = None
         self.batches = 0
 
     # -- start and stop ------------------------------------------------------------------
@@ -154,7 +155,8 @@ class TransparencyLog:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A sequencer stopped by a LogIntegrityError has already reported it.
+            with contextlib.suppress(asyncio.CancelledError, LogIntegrityError):
                 await self._task
             self._task = None
 
@@ -173,7 +175,12 @@ class TransparencyLog:
         envelope marked stored, a delivery marked acknowledged). If it raises, nothing
         of this item is kept and the error comes back to the caller; the other items of
         the batch are unaffected.
+
+        Raises:
+            LogIntegrityError: the sequencer has stopped on an integrity failure.
         """
+        if self._failed is not None:
+            raise self._failed
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
@@ -191,10 +198,7 @@ class TransparencyLog:
             try:
                 await self._commit(batch)
             except LogIntegrityError as e:
-                log.critical("log_integrity_failure", error=str(e))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                self._stop(batch, e)
                 raise
             except Exception as e:
                 log.exception("log_batch_failed", items=len(batch))
@@ -202,46 +206,67 @@ class TransparencyLog:
                     if not p.future.done():
                         p.future.set_exception(e)
 
+    def _stop(self, batch: list[_Pending], e: LogIntegrityError) -> None:
+        """Stop for good: this batch, whatever is queued behind it and every later append are refused."""
+        log.critical("log_integrity_failure", error=str(e))
+        self._failed = e
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(e)
+
     async def _commit(self, batch: list[_Pending]) -> None:
         done: list[tuple[_Pending, int, bytes]] = []
-        async with self.storage.transaction() as tx:
-            await self._reload(tx)
-            rng = self._range.copy()
-            now = self._clock()
-            leaves: list[tuple[int, bytes, bytes | None, int]] = []
-            nodes: list[tuple[int, int, bytes]] = []
-            for p in batch:
-                await tx.execute("SAVEPOINT item")
-                try:
-                    # The action first: it may learn what the entry records (an
-                    # invitation's RPPS) or find there is nothing to record (Skip).
-                    if p.action is not None:
-                        await p.action(tx)
-                    entry = p.make(now)
-                    leaf = entry.to_bytes()
-                except BaseException as e:
-                    await tx.execute("ROLLBACK TO item")
+        refused: list[tuple[_Pending, Exception]] = []
+        try:
+            async with self.storage.transaction() as tx:
+                await self._reload(tx)
+                rng = self._range.copy()
+                now = self._clock()
+                nodes: list[tuple[int, int, bytes]] = []
+                for p in batch:
+                    await tx.execute("SAVEPOINT item")
+                    try:
+                        # The action first: it may learn what the entry records (an
+                        # invitation's RPPS) or find there is nothing to record (Skip).
+                        if p.action is not None:
+                            await p.action(tx)
+                        entry = p.make(now)
+                        leaf = entry.to_bytes()
+                    except BaseException as e:
+                        await tx.execute("ROLLBACK TO item")
+                        await tx.execute("RELEASE item")
+                        if isinstance(e, Exception):
+                            refused.append((p, e))
+                            continue
+                        raise
+                    index = rng.size
+                    # Inserted now, not after the loop: a later item's action in this same
+                    # batch must see it (an act logged twice in one batch is logged once).
+                    await tx.execute(
+                        "INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)",
+                        (index, leaf, p.envelope_id, int(entry.type)),
+                    )
                     await tx.execute("RELEASE item")
-                    if isinstance(e, Exception):
-                        p.future.set_exception(e)
-                        continue
-                    raise
-                await tx.execute("RELEASE item")
-                index = rng.size
-                nodes += [(n.level, n.index, n.hash) for n in rng.append(merkle.leaf_hash(leaf))]
-                leaves.append((index, leaf, p.envelope_id, int(entry.type)))
-                done.append((p, index, leaf))
-            if not done:
-                return
-            await tx.executemany(
-                "INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)", leaves
-            )
-            await tx.executemany("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
-            checkpoint = await self._store_checkpoint(tx, rng)
+                    nodes += [(n.level, n.index, n.hash) for n in rng.append(merkle.leaf_hash(leaf))]
+                    done.append((p, index, leaf))
+                if not done:
+                    return
+                await tx.executemany("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
+                checkpoint = await self._store_checkpoint(tx, rng)
+        finally:
+            # Only once the transaction is over: a refused caller (Skip) goes on to read its
+            # existing receipt through the same connection, and must not see this batch
+            # half done. A caller that went away (cancelled future) is skipped.
+            for p, error in refused:
+                if not p.future.done():
+                    p.future.set_exception(error)
         self._range = rng
         self.batches += 1
         for p, index, leaf in done:
-            p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint))
+            if not p.future.done():  # a caller that went away still has its leaf logged
+                p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint))
 
     async def _store_checkpoint(self, tx: aiosqlite.Connection, rng: merkle.CompactRange) -> str:
         root = rng.root()
@@ -273,6 +298,14 @@ class TransparencyLog:
         row = await cur.fetchone()
         if row is not None and row[0] != rng.root():
             raise LogIntegrityError(f"the stored tree of size {size} does not match its signed checkpoint")
+        cur = await tx.execute("SELECT MAX(idx) FROM log_leaves")  # one index lookup
+        row = await cur.fetchone()
+        leaves = 0 if row is None or row[0] is None else int(row[0]) + 1
+        if leaves != size:
+            raise LogIntegrityError(
+                f"the database holds {leaves} log leaves (by index), but the last signed "
+                f"checkpoint is of size {size}: refusing to sign that size again"
+            )
         self._range = rng
 
     # -- reading and proving ---------------------------------------------------------------
@@ -352,15 +385,27 @@ class TransparencyLog:
         return [bytes(r[0]) for r in await cur.fetchall()]
 
     async def device_leaves(self, device_id: bytes) -> list[tuple[int, bytes]]:
-        """The enrolment and revocation leaves of a device (indexed under its id: the
-        ``envelope_id`` column holds the id of whatever a leaf is about)."""
-        return await self.leaves_of(device_id)
+        """The enrolment and revocation leaves of a device.
+
+        They are indexed under :func:`device_subject` (17 bytes), so no client-chosen
+        envelope id (16 bytes) can ever mix its leaves with a device's.
+        """
+        return await self.leaves_of(device_subject(device_id))
 
     async def leaves_of(self, envelope_id: bytes) -> list[tuple[int, bytes]]:
+        # Only leaves under a signed checkpoint: reads share the sequencer's connection, and
+        # a batch in progress has leaves it has not signed yet (no proof exists for them).
         cur = await self.storage.db.execute(
-            "SELECT idx, data FROM log_leaves WHERE envelope_id = ? ORDER BY idx", (envelope_id,)
+            "SELECT idx, data FROM log_leaves WHERE envelope_id = ?"
+            " AND idx < (SELECT COALESCE(MAX(size), 0) FROM log_checkpoints) ORDER BY idx",
+            (envelope_id,),
         )
         return [(int(r[0]), bytes(r[1])) for r in await cur.fetchall()]
+
+
+def device_subject(device_id: bytes) -> bytes:
+    """The index key of a device's leaves in ``log_leaves.envelope_id``."""
+    return b"D" + device_id
 
 
 def receipt_json(index: int, leaf: bytes, proof: str) -> dict[str, object]:

@@ -26,7 +26,7 @@ from protocol.keys import DevicePublic, fingerprint
 from protocol.logentry import EntryType, LogEntry
 from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, LOG, STORAGE, UPLOAD_LOCKS, UploadSlot
 from relay.errors import RelayError, not_found
-from relay.log import Skip, receipt_json
+from relay.log import Skip, device_subject, receipt_json
 from relay.logroutes import add_log_routes
 from relay.storage import Device, EnvelopeRow, Practitioner
 
@@ -139,7 +139,7 @@ async def enroll(request: web.Request) -> web.Response:
                         rpps=found[0].rpps, record_hash=hashlib.sha256(device.to_bytes()).digest())
 
     # Indexed under the device id, so GET /v1/devices/{id} finds its enrolment receipt.
-    appended = await request.app[LOG].append(entry, action, envelope_id=device.device_id)
+    appended = await request.app[LOG].append(entry, action, envelope_id=device_subject(device.device_id))
     p = found[0]
     log.info("device_enrolled", device=device.device_id.hex())
     return web.json_response(
@@ -368,6 +368,8 @@ async def read_envelope(request: web.Request) -> web.Response:
     device: Device = request[DEVICE]
     if device.device_id not in recipients:
         raise RelayError("forbidden", 403, "only a recipient device reads an envelope")
+    if row.state == "uploading":
+        raise not_found("no such envelope")
     entry = LogEntry(type=EntryType.READ, time=0, envelope_id=envelope_id, envelope_hash=row.envelope_hash,
                      device_id=device.device_id, act_time=_field_int(data, "read_at"),
                      signature=_field_sig(data))
@@ -383,6 +385,8 @@ async def answered_envelope(request: web.Request) -> web.Response:
     device: Device = request[DEVICE]
     if device.device_id not in recipients:
         raise RelayError("forbidden", 403, "only a recipient device answers an envelope")
+    if row.state == "uploading":
+        raise not_found("no such envelope")
     answer = await request.app[STORAGE].envelope(_hex_id(str(data.get("answer", "")), "answer"))
     if answer is None or answer.sender != device.device_id or answer.state == "uploading":
         raise not_found("no such answer envelope sent by this device")
@@ -525,10 +529,11 @@ async def patch_envelope(request: web.Request) -> web.Response:
     _require_type(request, "application/octet-stream")
     envelope_id = _hex_id(request.match_info["id"])
     device: Device = request[DEVICE]
-    try:
-        offset = int(request.query.get("offset", ""))
-    except ValueError as e:
-        raise DecodeError("offset must be a whole number of bytes") from e
+    raw_offset = request.query.get("offset", "")
+    if not (raw_offset.isascii() and raw_offset.isdigit()) or (len(raw_offset) > 1 and raw_offset[0] == "0") \
+            or len(raw_offset) > 19:
+        raise DecodeError("offset must be a whole number of bytes (decimal, no sign or leading zero)")
+    offset = int(raw_offset)
     body = _Body(request, request.app[CONFIG].max_request)
     async with _upload_lock(request.app, envelope_id):
         row = await request.app[STORAGE].envelope(envelope_id)
@@ -607,7 +612,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         # The partial blob was lost (a crash before its fsync): start again from 0.
         await storage.set_received(header.id, 0, complete=False, now=now)
         raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
-    fd = blobs.open_part(header.id, prefix, new=not part_exists)
+    fd = blobs.open_part(header.id, prefix, new=row is None or not part_exists)
     # A new upload sent from offset 0 is hashed as it streams; a resumed one is re-read.
     ct_hash = hashlib.sha256() if row is None and start == 0 else None
     pos = start

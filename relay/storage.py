@@ -151,22 +151,33 @@ def normalise_code(code: str) -> str:
 class Storage:
     """One SQLite connection; writers take ``_write_lock`` so transactions never interleave."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
         self._db = db
+        self._reader = reader
         self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Storage:
+        """Two connections: one for write transactions, one read-only for everything else.
+
+        Reads never go through the writer's connection, so no request can see what a
+        transaction in progress wrote and may yet roll back (a checkpoint, a leaf).
+        """
         db = await aiosqlite.connect(path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
-        self = cls(db)
+        await db.executescript(_SCHEMA)  # before the reader opens: it must see the tables
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        await reader.execute("PRAGMA query_only=ON")
+        await reader.execute("PRAGMA busy_timeout=5000")
+        self = cls(db, reader)
         await self._migrate()
         return self
 
     async def close(self) -> None:
+        await self._reader.close()
         await self._db.close()
 
     async def _migrate(self) -> None:
@@ -206,8 +217,8 @@ class Storage:
 
     @property
     def db(self) -> aiosqlite.Connection:
-        """For reads; writes go through :meth:`transaction`."""
-        return self._db
+        """The read-only connection; writes go through :meth:`transaction`."""
+        return self._reader
 
     async def meta(self, key: str) -> str | None:
         row = await self._one("SELECT value FROM meta WHERE key = ?", (key,))
@@ -218,11 +229,11 @@ class Storage:
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     async def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
-        cur = await self._db.execute(sql, tuple(args))
+        cur = await self._reader.execute(sql, tuple(args))
         return await cur.fetchone()
 
     async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
-        cur = await self._db.execute(sql, tuple(args))
+        cur = await self._reader.execute(sql, tuple(args))
         return list(await cur.fetchall())
 
     # -- practitioners, invitations, devices ------------------------------------------

@@ -384,13 +384,13 @@ async def test_monitor_detects_a_rollback(tmp_path: Path, start_relay: StartRela
 async def test_monitor_detects_entries_that_do_not_make_the_root(tmp_path: Path, start_relay: StartRelay) -> None:
     relay = await start_relay(tmp_path / "r")
     await relay.grow(3)
-    db = relay.server.app[STORAGE].db
-    cur = await db.execute("SELECT data FROM log_leaves WHERE idx = 1")
-    (leaf,) = await cur.fetchone()  # type: ignore[misc]
-    changed = bytearray(leaf)
-    changed[-1] ^= 1
-    await db.execute("UPDATE log_leaves SET data = ? WHERE idx = 1", (bytes(changed),))
-    await db.commit()
+    import sqlite3  # noqa: PLC0415 - the operator's own hands on the database file
+
+    with sqlite3.connect(relay.data / "relay.sqlite3") as db:
+        (leaf,) = db.execute("SELECT data FROM log_leaves WHERE idx = 1").fetchone()
+        changed = bytearray(leaf)
+        changed[-1] ^= 1
+        db.execute("UPDATE log_leaves SET data = ? WHERE idx = 1", (bytes(changed),))
     async with RelayClient(relay.url) as r:
         with pytest.raises(audit.AuditError, match="do not hash to the signed root"):
             await audit.monitor_once(r, tmp_path / "m.json")

@@ -440,7 +440,9 @@ async def test_patch_bad_arguments(relay: Relay) -> None:
     for query in ("", "?offset=", "?offset=abc", "?offset=1e2", "?offset=0x64", "?offset=100.0"):
         reply = await relay.signed(gp, "PATCH", path + query, ct[100:200], content_type="application/octet-stream")
         assert_problem(reply, 400, "malformed")
-    doc = assert_problem(await relay.patch(gp, eid, -1, ct[100:200]), 409, "offset_mismatch")
+    # Offsets are plain decimals (SPEC §7.4): a sign is malformed, not a mismatch.
+    assert_problem(await relay.patch(gp, eid, -1, ct[100:200]), 400, "malformed")
+    doc = assert_problem(await relay.patch(gp, eid, 99, ct[100:200]), 409, "offset_mismatch")
     assert doc["offset"] == 100
     assert_problem(await relay.patch(gp, eid, 100, ct[100:200], content_type=ENVELOPE_TYPE), 415,
                    "unsupported_media_type")
