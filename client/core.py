@@ -14,8 +14,11 @@ import json
 import mimetypes
 import os
 import shutil
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,11 @@ from client.api import Progress, RelayClient, unb64
 from client.home import Home, Profile, atomic_write
 from protocol import age
 from protocol.bundle import BundleReader, FileEntry, Manifest, Sender, check_file_name, sign_manifest, write_bundle
-from protocol.envelope import EnvelopeHeader, SignedHeader, seal_header, split_prefix
+from protocol.envelope import MAX_PREFIX, EnvelopeHeader, SignedHeader, seal_header, split_prefix
 from protocol.errors import BundleError, DecodeError, NotARecipientError, PliError
 from protocol.ids import check_rpps
 from protocol.keys import DeviceKeys, DevicePublic
-from protocol.logentry import sign_answered, sign_read
+from protocol.logentry import EntryType, sign_answered, sign_read
 
 __all__ = [
     "OpenedEnvelope",
@@ -43,6 +46,7 @@ __all__ = [
 
 DEFAULT_LIFETIME = 30 * 86400
 _COPY = 1 << 20
+_PIECE = 1 << 16  # under glibc's mmap threshold: no fresh pages (page faults) per read
 
 
 class ClientError(PliError):
@@ -98,12 +102,123 @@ def media_type(path: Path) -> str:
 def _hash_file(path: Path) -> FileEntry:
     h = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_COPY):
-            h.update(chunk)
-            size += len(chunk)
+    buf = bytearray(_COPY)
+    view = memoryview(buf)
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL: files hash in parallel on threads
+            size += n
     check_file_name(path.name)
     return FileEntry(name=path.name, media_type=media_type(path), size=size, sha256=h.digest())
+
+
+class _Channel:
+    """A bounded pipe between two threads: one ``write``s, the other ``read``s.
+
+    It lets the bundle's tar be produced (or consumed) on one thread while age
+    encryption (or decryption) runs on another, so hashing, ChaCha20-Poly1305 and file
+    I/O use both cores. At most ``limit`` bytes wait in it. The writer ends it with
+    ``close(error)``: the reader gets every byte written, then ``error`` (if any); the
+    reader ends it early with ``cancel()``, after which ``write`` raises.
+    """
+
+    def __init__(self, limit: int = 8 << 20) -> None:
+        self._items: deque[bytes] = deque()
+        self._queued = 0
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._closed = False
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._head = b""
+        self._pos = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        item = data if type(data) is bytes else bytes(data)
+        if not item:
+            return 0
+        with self._cond:
+            while self._queued >= self._limit and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise _CancelledError
+            self._items.append(item)
+            self._queued += len(item)
+            self._cond.notify()
+        return len(item)
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._closed = True
+            self._error = error
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._items.clear()
+            self._cond.notify_all()
+
+    def _take(self) -> bytes | None:
+        with self._cond:
+            while not self._items and not self._closed:
+                self._cond.wait()
+            if self._items:
+                item = self._items.popleft()
+                self._queued -= len(item)
+                self._cond.notify()
+                return item
+            if self._error is not None:
+                raise self._error
+            return None
+
+    def read(self, n: int = -1) -> bytes:
+        parts: list[bytes] = []
+        want = n
+        try:
+            while want:
+                avail = len(self._head) - self._pos
+                if not avail:
+                    item = self._take()
+                    if item is None:
+                        break
+                    self._head, self._pos = item, 0
+                    continue
+                take = avail if want < 0 else min(want, avail)
+                if self._pos == 0 and take == avail:
+                    parts.append(self._head)  # a whole item: no copy
+                    self._head = b""
+                else:
+                    parts.append(self._head[self._pos : self._pos + take])
+                    self._pos += take
+                if want > 0:
+                    want -= take
+        except BaseException:
+            if not parts:
+                raise  # else the error comes again on the next read, after these bytes
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _CancelledError(Exception):
+    """The reading side of a _Channel went away."""
+
+
+def _produce(channel: _Channel, work: Callable[[], object]) -> threading.Thread:
+    """Run ``work`` (which writes into ``channel``) on a thread; its outcome closes the channel."""
+
+    def run() -> None:
+        try:
+            work()
+        except _CancelledError:
+            channel.close()
+        except BaseException as e:  # handed to the reading thread, which raises it
+            channel.close(e)
+        else:
+            channel.close()
+
+    thread = threading.Thread(target=run, name="pli-bundle", daemon=True)
+    thread.start()
+    return thread
 
 
 # -- enrolment and directory ----------------------------------------------------------------
@@ -144,19 +259,39 @@ async def practitioner_devices(
     relay: RelayClient, home: Home, rpps: str
 ) -> tuple[dict[str, Any], list[DevicePublic], bool]:
     """A practitioner's verified device keys, checked against the pins (see Home.check_pins)."""
-    info = await relay.directory(check_rpps(rpps))
+    rpps = check_rpps(rpps)
+    info = await relay.directory(rpps)
+    if info.get("rpps") != rpps:
+        raise BundleError(f"the relay answered for another practitioner than RPPS {rpps}")
     devices = [_record_from_json(d) for d in info.get("devices", [])]
     for d, raw in zip(devices, info.get("devices", []), strict=True):
         if d.device_id.hex() != raw.get("device_id"):
             raise DecodeError("the relay's directory lists a device under the wrong id")
     if not devices:
         raise ClientError(f"{info.get('name', rpps)} has no enrolled device yet")
-    first = home.check_pins(info["rpps"], devices)
+    # Every key we may encrypt to must be in the log, enrolled for this very RPPS: a relay
+    # cannot slip in a key it never logged (for everyone to see) as someone's device.
     for d, raw in zip(devices, info.get("devices", []), strict=True):
-        logstate.store_device(home, d, info["rpps"], info.get("name", ""))
-        for receipt in raw.get("receipts", []):
-            await logstate.store_receipt(home, relay, d.device_id.hex(), receipt)
+        await _check_enrolled(home, relay, d, rpps, raw.get("receipts", []))
+    first = home.check_pins(rpps, devices)
+    for d in devices:
+        logstate.store_device(home, d, rpps, info.get("name", ""))
     return info, devices, first
+
+
+async def _check_enrolled(
+    home: Home, relay: RelayClient, device: DevicePublic, rpps: str, receipts: list[dict[str, Any]]
+) -> None:
+    """Keep and check the device's enrolment receipt: its leaf names this record and RPPS."""
+    record_hash = hashlib.sha256(device.to_bytes()).digest()
+    for receipt in receipts:
+        entry = await logstate.store_receipt(home, relay, device.device_id.hex(), receipt)
+        if entry.type == EntryType.DEVICE_ENROLLED and entry.record_hash == record_hash and entry.rpps == rpps:
+            return
+    raise BundleError(
+        f"the relay lists device {device.device_id.hex()[:12]} for RPPS {rpps} without proof in its log "
+        "that it was enrolled for them"
+    )
 
 
 def _session(home: Home) -> Profile:
@@ -218,7 +353,8 @@ async def send(
             body=body,
         )
         raw, sig = sign_manifest(manifest, keys.signing_key)
-        age_recipients = [d.recipient for d in recipients if d.device_id in recipient_ids] + [me.recipient]
+        by_id = {d.device_id: d for d in recipients}
+        age_recipients = [by_id[i].recipient for i in recipient_ids] + [me.recipient]
         home.envelopes.mkdir(parents=True, exist_ok=True)
         ct_path = home.envelopes / f"{envelope_id.hex()}.age"
         size, digest = await asyncio.to_thread(
@@ -262,16 +398,57 @@ async def refresh_receipts(home: Home, r: RelayClient, envelope_ids: list[bytes]
 
 
 class _HashingWriter:
-    def __init__(self, f: Any) -> None:
+    """Writes to ``f`` and hashes what it wrote (unless told not to), on a thread of its own.
+
+    Writes are gathered into batches of about ``_COPY`` bytes; the file write and the
+    SHA-256 release the GIL, so they run alongside encryption. At most two batches
+    wait; ``flush()`` waits for all and raises the first write error.
+    """
+
+    def __init__(self, f: Any, *, hashing: bool = True) -> None:
         self.f = f
         self.h = hashlib.sha256()
         self.n = 0
+        self._hashing = hashing
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pli-write")
+        self._inflight: deque[Future[None]] = deque()
 
     def write(self, data: bytes) -> int:
+        item = data if type(data) is bytes else bytes(data)
+        self._parts.append(item)
+        self._size += len(item)
+        self.n += len(item)
+        if self._size >= _COPY:
+            self._submit()
+        return len(item)
+
+    def _submit(self) -> None:
+        if self._parts:
+            self._inflight.append(self._pool.submit(self._write_out, self._parts))
+            self._parts, self._size = [], 0
+        while len(self._inflight) > 2:
+            self._inflight.popleft().result()
+
+    def _write_out(self, parts: list[bytes]) -> None:
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.f.write(data)
-        self.h.update(data)
-        self.n += len(data)
-        return len(data)
+        if self._hashing:
+            self.h.update(data)
+
+    def flush(self) -> None:
+        self._submit()
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            for f in self._inflight:
+                f.cancel()
+            self._pool.shutdown(wait=True)
 
 
 def _encrypt_bundle(
@@ -281,16 +458,23 @@ def _encrypt_bundle(
     sig: bytes,
     files: list[tuple[FileEntry, Path]],
 ) -> tuple[int, bytes]:
+    # The tar (reading and re-hashing each file) is written on one thread; this one
+    # encrypts it (sealing chunks on age's worker thread), hashes and writes the result.
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as raw:
         out = _HashingWriter(raw)
-        with age.EncryptWriter(out, recipients) as enc:
-            handles = [(e, p.open("rb")) for e, p in files]
-            try:
-                write_bundle(enc, manifest, sig, handles)
-            finally:
-                for _, h in handles:
-                    h.close()
+        handles = [(e, p.open("rb")) for e, p in files]
+        channel = _Channel()
+        producer = _produce(channel, lambda: write_bundle(channel, manifest, sig, handles))
+        try:
+            age.encrypt_stream(channel, out, recipients)
+            out.flush()
+        finally:
+            channel.cancel()
+            producer.join()
+            out.close()
+            for _, h in handles:
+                h.close()
         raw.flush()
         os.fsync(raw.fileno())
     tmp.replace(path)
@@ -364,23 +548,24 @@ async def open_envelope(
         eid = bytes.fromhex(entry["id"])
         prefix_path = home.envelopes / f"{eid.hex()}.prefix"
         age_path = home.envelopes / f"{eid.hex()}.age"
-        await _download(r, eid, prefix_path, age_path, progress)
+        await _download(r, eid, prefix_path, age_path, progress, limit=MAX_PREFIX + int(entry["size"]))
         signed, _ = split_prefix(prefix_path.read_bytes()) or (None, 0)
         if signed is None:
             raise DecodeError("the downloaded envelope is cut short")
         # Who sent it: the relay says which device; the directory and our pins say whose.
         dev_info = await r.device(bytes.fromhex(entry["from"]))
         sender = _record_from_json(dev_info)
-        for receipt in dev_info.get("receipts", []):
-            await logstate.store_receipt(home, r, sender.device_id.hex(), receipt)
         if sender.device_id.hex() != entry["from"] or dev_info.get("rpps") != entry.get("from_rpps"):
             raise BundleError("the relay's answers about the sender disagree")
+        await _check_enrolled(home, r, sender, str(dev_info["rpps"]), dev_info.get("receipts", []))
+        # Read the pins before the directory call below updates them (a device revoked
+        # since it sent is dropped from the pins there, and must still be recognised).
+        pinned = home.trusted_ever(dev_info["rpps"])
         _info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
         # The sender must be a device we trust for that practitioner: listed now (and
         # matching our pins, checked above), or pinned earlier with these very keys (a
         # device revoked since it sent). Never on the relay's word alone: a relay could
         # otherwise invent a "revoked" device and sign envelopes as anyone.
-        pinned = home.pinned(dev_info["rpps"]) or {}
         listed = sender.device_id in {d.device_id for d in devices}
         if not listed and pinned.get(sender.device_id.hex()) != sender.fingerprint:
             raise BundleError("the sending device is not one of its practitioner's trusted devices")
@@ -432,7 +617,7 @@ async def open_envelope(
 
 
 async def _download(
-    r: RelayClient, eid: bytes, prefix_path: Path, age_path: Path, progress: Progress | None
+    r: RelayClient, eid: bytes, prefix_path: Path, age_path: Path, progress: Progress | None, *, limit: int
 ) -> None:
     """Fetch the envelope as ``<id>.prefix`` + ``<id>.age`` (so `age -d` opens the archive),
     resuming a cut download from the ``.age.part`` it left."""
@@ -447,7 +632,14 @@ async def _download(
     buf = bytearray()
     out = part.open("ab" if offset else "wb")
 
+    received = [offset]
+
     def sink(chunk: bytes) -> None:
+        # Never more than the inbox announced: a relay cannot fill the disk with bytes
+        # that will only be checked at the end.
+        received[0] += len(chunk)
+        if received[0] > limit:
+            raise DecodeError("the relay sent more bytes than the envelope's announced size")
         if offset or prefix_path.exists():
             out.write(chunk)
             return
@@ -508,14 +700,26 @@ def _decrypt_bundle(
     try:
         with age_path.open("rb") as raw:
             src = _HashingReader(raw)
-            reader = BundleReader(
-                age.DecryptReader(src, [keys.identity]), sender=sender, envelope=header, me=keys.device_id
-            )
-            for entry, stream in reader.files():
-                with (staging / "files" / entry.name).open("xb") as out:
-                    while chunk := stream.read(_COPY):
-                        out.write(chunk)
-            reader.finish()
+            # Decryption (reading and hashing the ciphertext, chunks opened on age's
+            # worker thread) feeds this thread, which checks and writes the files.
+            decrypting = age.DecryptReader(src, [keys.identity])
+            channel = _Channel()
+            producer = _produce(channel, lambda: decrypting._copy_to(channel))  # noqa: SLF001
+            try:
+                reader = BundleReader(channel, sender=sender, envelope=header, me=keys.device_id)
+                for entry, stream in reader.files():
+                    with (staging / "files" / entry.name).open("xb") as out:
+                        writer = _HashingWriter(out, hashing=False)  # writes overlap the reading
+                        try:
+                            while chunk := stream.read(_PIECE):
+                                writer.write(chunk)
+                            writer.flush()
+                        finally:
+                            writer.close()
+                reader.finish()
+            finally:
+                channel.cancel()
+                producer.join()
             if src.n != header.size or not hmac.compare_digest(src.h.digest(), header.sha256):
                 raise BundleError("the ciphertext does not match its signed header")  # noqa: TRY301
         (staging / "manifest").write_bytes(reader.manifest_bytes)

@@ -179,6 +179,12 @@ class Home:
         entry = self._pins().get(rpps)
         return dict(entry["devices"]) if entry else None
 
+    def trusted_ever(self, rpps: str) -> dict[str, str]:
+        """The pinned devices and those pinned once and since gone (revoked): an envelope a
+        device sent before its revocation still opens."""
+        entry = self._pins().get(rpps) or {}
+        return {**entry.get("retired", {}), **entry.get("devices", {})}
+
     def check_pins(self, rpps: str, devices: list[DevicePublic]) -> bool:
         """Compare a directory answer with the pins. True if this is a first contact (now pinned).
 
@@ -208,8 +214,12 @@ class Home:
 
     def pin(self, rpps: str, devices: list[DevicePublic]) -> None:
         pins = self._pins()
+        old = pins.get(rpps) or {}
+        current = {d.device_id.hex(): d.fingerprint for d in devices}
+        retired = {**old.get("retired", {}), **old.get("devices", {})}
         pins[rpps] = {
-            "devices": {d.device_id.hex(): d.fingerprint for d in devices},
+            "devices": current,
+            "retired": {k: v for k, v in retired.items() if k not in current},
             "pinned_at": int(time.time()),
         }
         atomic_write(self.root / "pins.json", json.dumps(pins, indent=2, sort_keys=True).encode())

@@ -24,7 +24,7 @@ from client.home import Home, atomic_write
 from protocol import merkle, note
 from protocol.errors import PliError
 from protocol.keys import DevicePublic
-from protocol.logentry import LogEntry
+from protocol.logentry import EntryType, LogEntry
 
 __all__ = ["LogAlarm", "check_log", "store_device", "store_receipt"]
 
@@ -140,13 +140,36 @@ async def store_receipt(home: Home, relay: RelayClient, subject: str, receipt: d
         raise_alarm(home, "malformed receipt", f"the relay sent a receipt that does not parse: {e}")
     except PliError as e:
         raise_alarm(home, "receipt does not verify", str(e), receipt=receipt)
-    if (entry.envelope_id or entry.device_id).hex() != subject:
+    device_leaf = entry.type in (EntryType.DEVICE_ENROLLED, EntryType.DEVICE_REVOKED)
+    about = entry.device_id if device_leaf else entry.envelope_id
+    if about.hex() != subject:
         raise_alarm(home, "receipt for something else", f"a receipt for {subject} names another subject")
+    _check_act(home, entry, subject)
     await observe(home, relay, proof.checkpoint, latest=False)
     with home.store() as db:
         db.execute("INSERT OR REPLACE INTO receipts (idx, envelope_id, type, leaf, proof) VALUES (?, ?, ?, ?, ?)",
                    (proof.index, subject, entry.type.name.lower(), leaf, proof_text))
     return entry
+
+
+def _check_act(home: Home, entry: LogEntry, subject: str) -> None:
+    """What this device can check of a leaf beyond its proof: the envelope's hash against
+    the header it archived, and the practitioner's signature when it knows the device."""
+    prefix = home.envelopes / f"{subject}.prefix"
+    if entry.envelope_id and prefix.exists():
+        from protocol.envelope import split_prefix  # noqa: PLC0415
+
+        split = split_prefix(prefix.read_bytes())
+        if split is not None and split[0].envelope_hash != entry.envelope_hash:
+            raise_alarm(home, "receipt for another envelope", f"the log's leaf for {subject} names another header")
+    if entry.type in (EntryType.SUBMITTED, EntryType.READ, EntryType.ANSWERED):
+        with home.store() as db:
+            row = db.execute("SELECT record FROM devices WHERE device_id = ?", (entry.device_id.hex(),)).fetchone()
+        if row is not None:
+            try:
+                entry.verify_act(DevicePublic.from_bytes(bytes(row["record"])).verify_key)
+            except PliError as e:
+                raise_alarm(home, "forged act in the log", f"{entry.type.name.lower()} of {subject}: {e}")
 
 
 def store_device(home: Home, device: DevicePublic, rpps: str, name: str) -> None:

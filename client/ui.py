@@ -34,8 +34,10 @@ _ADVICE: dict[str, tuple[str, str]] = {
     ),
     "device_exists": ("Cet appareil est déjà inscrit.", "This device is already enrolled."),
     "relay_unreachable": (
-        "Le relais ne répond pas. Vérifiez la connexion puis relancez la même commande : elle reprend où elle s'est arrêtée.",
-        "The relay does not answer. Check the connection, then run the same command again: it resumes where it stopped.",
+        ("Le relais ne répond pas. Vérifiez la connexion puis relancez la commande (une réception interrompue "
+        "reprend où elle s'est arrêtée ; pour un envoi, vérifiez d'abord qu'il n'est pas déjà parti)."),
+        ("The relay does not answer. Check the connection, then run the command again (an interrupted download "
+        "resumes where it stopped; for a send, first check it did not already go through)."),
     ),
     "key_changed": (
         "ATTENTION : les clés de ce correspondant ont changé.",

@@ -167,3 +167,46 @@ async def test_relay_inventing_a_revoked_device_cannot_forge_a_sender(env: Env) 
     with pytest.raises(PliError, match="trusted devices"):
         await core.open_envelope(derm_home, derm_keys, forged.envelope_id)
     assert not list((derm_home.cases).glob("*/" + forged.envelope_id))
+
+
+async def test_relay_slipping_an_unlogged_key_into_the_directory_is_refused(env: Env) -> None:
+    """The operator adds a device row for the dermatologist straight into the database: it is
+    in the directory but not in the log. A GP who never exchanged with them must not encrypt
+    to it (trust on first use applies to logged keys only)."""
+    import sqlite3  # noqa: PLC0415
+
+    gp_home, gp_keys = await env.practitioner(GP, "gp")
+    await env.practitioner(DERM, "derm")
+    rogue = DeviceKeys.generate(now=int(time.time())).public()
+    with sqlite3.connect(env.tmp / "relay" / "relay.sqlite3") as db:
+        db.execute("INSERT INTO devices (device_id, rpps, sign_key, cert, sig, enrolled) VALUES (?, ?, ?, ?, ?, ?)",
+                   (rogue.device_id, DERM.rpps, rogue.sign_key, rogue.cert, rogue.sig, int(time.time())))
+    with pytest.raises(PliError, match="without proof in its log"):
+        await core.send(gp_home, gp_keys, to=[DERM.rpps], kind="request",
+                        body={"subject": "S", "patient": "P", "text": "Q"}, files=[])
+    assert gp_home.pinned(DERM.rpps) is None
+
+
+async def test_envelope_from_a_device_revoked_after_sending_still_opens(env: Env) -> None:
+    gp_home, gp_keys = await env.practitioner(GP, "gp")
+    derm_home, derm_keys = await env.practitioner(DERM, "derm")
+    first, _ = await _send_photo(env, (gp_home, gp_keys), size=10)
+    await core.open_envelope(derm_home, derm_keys, first.envelope_id)  # pins the GP's device
+    second, data = await _send_photo(env, (gp_home, gp_keys), size=10)
+    await env.server.app[STORAGE].revoke_device(gp_keys.device_id, now=int(time.time()))
+    # A second GP device, so the practitioner still has one listed.
+    await env.practitioner(GP, "gp-new")
+    with pytest.raises(PliError, match="changed"):
+        # The new device is a key change the dermatologist must confirm first...
+        await core.open_envelope(derm_home, derm_keys, second.envelope_id)
+    new = [d for d in (await _directory(env, derm_keys, GP.rpps))]
+    derm_home.pin(GP.rpps, new)
+    # ...after which the envelope the revoked device sent before its revocation opens.
+    opened = await core.open_envelope(derm_home, derm_keys, second.envelope_id)
+    assert (Path(opened.folder) / "files" / "photo.bin").read_bytes() == data
+
+
+async def _directory(env: Env, keys: DeviceKeys, rpps: str) -> list:
+    async with core.RelayClient(env.url, keys) as r:
+        info = await r.directory(rpps)
+    return [core._record_from_json(d) for d in info["devices"]]
