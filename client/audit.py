@@ -250,13 +250,25 @@ def _read_package(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     return doc, content
 
 
-def verify_package(path: Path, *, vkey: str | None = None) -> Report:  # noqa: C901, PLR0912, PLR0915
+def verify_package(path: Path, *, vkey: str | None = None) -> Report:
     """Check everything in a package offline; never raises for a failed check, reports it.
 
     ``vkey``: the log verifier key the auditor trusts (from the relay's operator); when
     omitted, the package's own is used and the report says so.
+
+    Raises:
+        AuditError: the file is not a package at all.
     """
     rep = Report()
+    try:
+        return _verify(path, vkey, rep)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # A package shaped otherwise than SPEC §12 says: report it, never crash on it.
+        rep.fail(f"malformed package: {type(e).__name__} {e}")
+        return rep
+
+
+def _verify(path: Path, vkey: str | None, rep: Report) -> Report:  # noqa: C901, PLR0912, PLR0915
     doc, content = _read_package(path)
     rep.case_id = str(doc.get("case_id", ""))
     try:
@@ -344,26 +356,33 @@ def verify_package(path: Path, *, vkey: str | None = None) -> Report:  # noqa: C
             rep.fail(f"device {pub.device_id.hex()[:12]}: no proof of its enrolment in the log")
             continue
         devices[pub.device_id] = (pub, str(d.get("rpps", "")), str(d.get("name", "")), enrolled_at)
-    rep.checks.append(f"{len(devices)} device(s): keys certified, enrolment logged")
+    rep.checks.append(f"{len(devices)} device(s): keys certified, enrolment logged for their RPPS "
+                      "(names are as the relay's directory gave them; the log proves RPPS numbers)")
 
     # 4. Envelopes: signed header, each receipt proved and its signature by the right device.
     hashes: dict[bytes, tuple[str, EnvelopeHeader]] = {}
+    checked: set[str] = set()
     for env in doc.get("envelopes", []):
         eid = str(env.get("id", ""))
-        split = split_prefix(_unb64(env.get("prefix", "")))
+        try:
+            split = split_prefix(_unb64(env.get("prefix", "")))
+        except PliError as e:
+            rep.fail(f"envelope {eid[:12]}: header {e}")
+            continue
         if split is None:
             rep.fail(f"envelope {eid[:12]}: header cut short")
             continue
         signed = split[0]
-        try:
-            raw_header = EnvelopeHeader.from_bytes(signed.raw)
-            sender = devices[raw_header.sender][0]
-            header = signed.verify(sender.verify_key)
-        except KeyError:
-            rep.fail(f"envelope {eid[:12]}: its sender's device is not in the package")
-            continue
-        except PliError as e:
-            rep.fail(f"envelope {eid[:12]}: header {e}")
+        header = None
+        # Verify first: the header is decoded only once a known device's signature holds.
+        for pub, *_ in devices.values():
+            try:
+                header = signed.verify(pub.verify_key)
+                break
+            except PliError:
+                continue
+        if header is None:
+            rep.fail(f"envelope {eid[:12]}: its header is signed by no device of the package")
             continue
         if header.id.hex() != eid:
             rep.fail(f"envelope {eid[:12]}: the header names another id")
@@ -409,7 +428,11 @@ def verify_package(path: Path, *, vkey: str | None = None) -> Report:  # noqa: C
             rep.fail(f"envelope {eid[:12]}: no proof of its submission")
         # 5. Content: the manifest signed by the sender for this envelope, files matching it.
         if any(k.startswith(f"content/{eid}/") for k in content):
-            _check_content(rep, content, eid, header, devices[header.sender][0])
+            sender_dev = devices[header.sender]
+            checked |= _check_content(rep, content, eid, header, sender_dev[0], sender_dev[1], rep.case_id)
+    stray = sorted(set(content) - checked)
+    if stray:
+        rep.fail(f"content not covered by any verified manifest: {', '.join(stray[:5])}")
     rep.checks.append(f"{len(hashes)} envelope(s): headers signed by their senders, receipts proved")
     rep.timeline.sort(key=lambda e: (e["time"], e["index"]))
     return rep
@@ -443,8 +466,11 @@ def _event(
     }
 
 
-def _check_content(rep: Report, content: dict[str, bytes], eid: str, header: EnvelopeHeader,
-                   sender: DevicePublic) -> None:
+def _check_content(
+    rep: Report, content: dict[str, bytes], eid: str, header: EnvelopeHeader, sender: DevicePublic,
+    sender_rpps: str, case_id: str,
+) -> set[str]:
+    """Check one envelope's content; return the member names its verified manifest covers."""
     from protocol.bundle import Manifest  # noqa: PLC0415
 
     base = f"content/{eid}/"
@@ -454,16 +480,25 @@ def _check_content(rep: Report, content: dict[str, bytes], eid: str, header: Env
         m = Manifest.from_bytes(raw)
     except (KeyError, PliError) as e:
         rep.fail(f"content of {eid[:12]}: manifest {e}")
-        return
+        return set()
     if m.envelope_id != header.id or set(m.recipients) != set(header.to):
         rep.fail(f"content of {eid[:12]}: the manifest was signed for another envelope")
-        return
+        return set()
+    if m.case_id.hex() != case_id:
+        rep.fail(f"content of {eid[:12]}: signed for case {m.case_id.hex()[:12]}, not this package's case")
+    if m.sender.rpps != sender_rpps:
+        rep.fail(f"content of {eid[:12]}: the sender signed as RPPS {m.sender.rpps}, enrolled as {sender_rpps}")
+    covered = {base + "manifest", base + "manifest.sig"}
     for f in m.files:
-        data = content.get(base + "files/" + f.name)
+        name = base + "files/" + f.name
+        covered.add(name)
+        data = content.get(name)
         if data is None or hashlib.sha256(data).digest() != f.sha256:
             rep.fail(f"content of {eid[:12]}: file {f.name!r} does not match the signed manifest")
-            return
-    rep.checks.append(f"content of {eid[:12]}: manifest signed by the sender, {len(m.files)} file(s) match")
+            return covered
+    rep.checks.append(f"content of {eid[:12]}: manifest signed by the sender for this case, "
+                      f"{len(m.files)} file(s) match")
+    return covered
 
 
 # -- monitoring ----------------------------------------------------------------------------
@@ -514,9 +549,12 @@ async def monitor_once(  # noqa: C901, PLR0912 - each branch is one alarm the sp
             raise alarm(f"FORK: the tree of size {cp.size} does not extend the one of size {old_size}: {e}") from e
     replayed = 0
     while rng.size < cp.size and replayed < MONITOR_MAX_ENTRIES:
-        leaves = await relay.entries(rng.size, min(cp.size, rng.size + MONITOR_BATCH))
+        asked = min(cp.size, rng.size + MONITOR_BATCH) - rng.size
+        leaves = await relay.entries(rng.size, rng.size + asked)
         if not leaves:
             raise alarm("the relay serves no entries below its checkpoint's size")
+        if len(leaves) > asked:
+            raise alarm(f"the relay served {len(leaves)} entries where {asked} were asked")
         for leaf in leaves:
             try:
                 LogEntry.from_bytes(leaf)

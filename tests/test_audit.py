@@ -402,3 +402,71 @@ async def test_monitor_command_exits_3_on_a_standing_alarm(tmp_path: Path) -> No
     out = await _pli("audit", "monitor", "http://127.0.0.1:9", "--state", str(state))
     assert out.returncode == 3
     assert "ALERT: ALARM" in out.stderr
+
+
+# -- packages that try to lie, and hostile shapes (review findings) ---------------------------
+
+
+async def test_unsigned_extra_attachment_is_detected(case: Case, tmp_path: Path) -> None:
+    def change(_: dict[str, Any], content: dict[str, bytes]) -> None:
+        content[f"content/{case.request}/files/ordonnance-falsifiee.pdf"] = b"%PDF-1.4 forged"
+
+    failures = _failures(_rewrite(case.package, tmp_path / "t.pliaudit", change))
+    assert any("not covered by any verified manifest" in f and "ordonnance-falsifiee.pdf" in f for f in failures)
+
+
+async def test_package_claiming_another_case_is_detected(case: Case, tmp_path: Path) -> None:
+    def change(doc: dict[str, Any], _: dict[str, bytes]) -> None:
+        doc["case_id"] = "00" * 16
+
+    failures = _failures(_rewrite(case.package, tmp_path / "t.pliaudit", change))
+    assert any("not this package's case" in f for f in failures), failures
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda doc: doc.__setitem__("checkpoints", 5),
+        lambda doc: doc["envelopes"][0].__setitem__("receipts", ["not a receipt"]),
+        lambda doc: doc["envelopes"][0].__setitem__("prefix", base64.b64encode(b"not-an-envelope-prefix").decode()),
+        lambda doc: doc.__setitem__("devices", [{"record": 12}]),
+    ],
+    ids=["checkpoints-not-a-list", "receipt-a-string", "bad-prefix-magic", "record-not-base64"],
+)
+async def test_hostile_package_shapes_are_reported_not_crashed(case: Case, tmp_path: Path, change: Any) -> None:
+    out = _rewrite(case.package, tmp_path / "t.pliaudit", lambda doc, _: change(doc))
+    rep = audit.verify_package(out)
+    assert not rep.ok
+    cli = await _pli("audit", "verify", str(out))
+    assert cli.returncode == 1
+    assert "Traceback" not in cli.stderr
+    assert "VERDICT: FAILED" in cli.stdout
+
+
+async def test_monitor_refuses_a_relay_serving_more_entries_than_asked(case: Case, tmp_path: Path) -> None:
+    """A lying relay answers /log/entries with one leaf too many: the monitor must not follow."""
+    from aiohttp import web  # noqa: PLC0415
+
+    real = RelayClient(case.relay.url)
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        async with real:
+            if request.path == "/log/entries":
+                start, end = int(request.query["start"]), int(request.query["end"])
+                leaves = await real.entries(start, end)
+                return web.json_response({"start": start, "entries": [base64.b64encode(x).decode()
+                                                                      for x in [*leaves, leaves[-1]]]})
+            if request.path == "/checkpoint":
+                return web.Response(text=await real.checkpoint())
+            return web.Response(text=await real.log_vkey() + "\n")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", proxy)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with RelayClient(str(server.make_url("")).rstrip("/")) as r:
+            with pytest.raises(audit.AuditError, match="entries where .* were asked"):
+                await audit.monitor_once(r, tmp_path / "m.json")
+    finally:
+        await server.close()

@@ -199,7 +199,7 @@ async def test_envelope_from_a_device_revoked_after_sending_still_opens(env: Env
     with pytest.raises(PliError, match="changed"):
         # The new device is a key change the dermatologist must confirm first...
         await core.open_envelope(derm_home, derm_keys, second.envelope_id)
-    new = [d for d in (await _directory(env, derm_keys, GP.rpps))]
+    new = await _directory(env, derm_keys, GP.rpps)
     derm_home.pin(GP.rpps, new)
     # ...after which the envelope the revoked device sent before its revocation opens.
     opened = await core.open_envelope(derm_home, derm_keys, second.envelope_id)
