@@ -274,7 +274,10 @@ def _verify(path: Path, vkey: str | None, rep: Report) -> Report:  # noqa: C901,
     try:
         log_doc = doc["log"]
         verifier = note.Verifier.from_vkey(vkey or log_doc["vkey"])
-        origin = str(log_doc["origin"])
+        # The origin is the trusted key's name (SPEC §11.4), never the package's say-so.
+        origin = verifier.name
+        if str(log_doc.get("origin")) != origin:
+            rep.fail(f"the package names log {log_doc.get('origin')!r}, but the key is for {origin!r}")
     except (KeyError, TypeError, PliError) as e:
         raise AuditError(f"the package names no valid log key: {e}") from e
     rep.log_vkey = verifier.vkey

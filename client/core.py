@@ -26,7 +26,7 @@ from typing import Any
 from client import logstate
 from client.api import Progress, RelayClient, unb64
 from client.home import Home, Profile, atomic_write
-from protocol import age
+from protocol import age, note
 from protocol.bundle import BundleReader, FileEntry, Manifest, Sender, check_file_name, sign_manifest, write_bundle
 from protocol.envelope import MAX_PREFIX, EnvelopeHeader, SignedHeader, seal_header, split_prefix
 from protocol.errors import BundleError, DecodeError, NotARecipientError, PliError
@@ -238,6 +238,8 @@ async def enroll(home: Home, keys: DeviceKeys, relay_url: str, code: str) -> Pro
             receipt = answer["receipt"]
         except KeyError as e:
             raise DecodeError(f"the relay's enrolment answer lacks {e}") from e
+        if note.Verifier.from_vkey(profile.log_vkey).name != profile.log_origin:
+            raise DecodeError("the relay's log key is not named by its log's origin")
         home.save_profile(profile)
         entry = await logstate.store_receipt(home, relay, me.device_id.hex(), receipt)
         if entry.record_hash != hashlib.sha256(me.to_bytes()).digest() or entry.rpps != profile.rpps:

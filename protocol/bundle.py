@@ -54,13 +54,18 @@ MAX_TEXT = 256 * 1024
 MAX_NAME = 255
 MIN_PADDED = 4096
 _COPY = 1 << 16
+_BIG_COPY = 1 << 20  # file data moves in 1 MiB reads and writes
+_TAR_READ = 1 << 15  # tarfile's stream reads, instead of its 10 KiB records
 
 MEMBER_MANIFEST = "pli/manifest"
 MEMBER_SIGNATURE = "pli/manifest.sig"
 FILES_DIR = "files/"
 
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,63}")
-_BAD_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\]")
+# Also what Windows refuses or reads as a drive or a stream (":"): the files are opened
+# on practitioners' machines, many of them Windows.
+_BAD_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:<>"|?*]')
+_WINDOWS_RESERVED = re.compile(r"(?i)(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?")
 
 _MANIFEST_LIMITS = codec.Limits(
     max_size=MAX_MANIFEST, max_str=MAX_TEXT, max_bin=64, max_array=MAX_FILES, max_map=32
@@ -83,15 +88,18 @@ def check_file_name(name: str) -> None:
     """Refuse a name that could escape the destination folder or confuse a person.
 
     Raises:
-        DecodeError: the name is empty, too long, ``.``/``..``, or holds a slash,
-            a backslash or a control character.
+        DecodeError: the name is empty, too long, ``.``/``..``, ends in a dot, is a
+            Windows device name, or holds a slash, a backslash, one of ``:<>"|?*`` or a
+            control character.
     """
-    if not name or name in {".", ".."} or name != name.strip():
+    if not name or name in {".", ".."} or name != name.strip() or name.endswith("."):
         raise DecodeError(f"file name {name!r} is not allowed")
+    if _WINDOWS_RESERVED.fullmatch(name):
+        raise DecodeError(f"file name {name!r} is a Windows device name")
     if len(name.encode("utf-8")) > MAX_NAME:
         raise LimitError(f"file name over {MAX_NAME} bytes")
     if _BAD_NAME_CHARS.search(name):
-        raise DecodeError(f"file name {name!r} holds a slash or a control character")
+        raise DecodeError(f"file name {name!r} holds a character not allowed in file names")
 
 
 @dataclass(frozen=True)
@@ -336,18 +344,23 @@ def write_bundle(
     """Write the bundle's tar and padding to ``dst`` (usually an age EncryptWriter).
 
     Streams: memory stays flat whatever the files' sizes. Returns the plaintext size.
+    The tar is the one ``tarfile`` writes in ``w|`` pax mode, byte for byte; it is
+    framed here so that file data goes to ``dst`` in large writes, not 10 KiB records.
 
     Raises:
         BundleError: a file's bytes no longer match its manifest entry.
     """
     counter = _Counter(dst)
-    with tarfile.open(fileobj=counter, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        tar.addfile(_tarinfo(MEMBER_MANIFEST, len(manifest_bytes)), _BytesReader(manifest_bytes))
-        tar.addfile(_tarinfo(MEMBER_SIGNATURE, len(signature)), _BytesReader(signature))
-        for entry, src in files:
-            reader = _HashingReader(src, entry, "changed while it was being sent")
-            tar.addfile(_tarinfo(FILES_DIR + entry.name, entry.size), reader)
-            reader.drain()
+    _tar_member(counter, MEMBER_MANIFEST, len(manifest_bytes), _BytesReader(manifest_bytes))
+    _tar_member(counter, MEMBER_SIGNATURE, len(signature), _BytesReader(signature))
+    for entry, src in files:
+        reader = _HashingReader(src, entry, "changed while it was being sent")
+        _tar_member(counter, FILES_DIR + entry.name, entry.size, reader)
+        reader.drain()
+    # End of archive (two zero blocks), then zeros to a whole record, as tarfile closes.
+    counter.write(bytes(2 * tarfile.BLOCKSIZE))
+    if rest := counter.count % tarfile.RECORDSIZE:
+        counter.write(bytes(tarfile.RECORDSIZE - rest))
     total = counter.count
     pad = padme(total) - total
     zeros = bytes(min(pad, _COPY))
@@ -356,6 +369,21 @@ def write_bundle(
         dst.write(zeros[:n])
         pad -= n
     return padme(total)
+
+
+def _tar_member(out: _Counter, name: str, size: int, src: SupportsRead) -> None:
+    """One member as ``TarFile.addfile`` writes it: header, data, zeros to a whole block."""
+    out.write(_tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
+    left = size
+    while left:
+        want = min(left, _BIG_COPY)
+        data = src.read(want)
+        if len(data) != want:
+            raise OSError("unexpected end of data")  # as tarfile.copyfileobj says it
+        out.write(data)
+        left -= want
+    if rest := size % tarfile.BLOCKSIZE:
+        out.write(bytes(tarfile.BLOCKSIZE - rest))
 
 
 class _BytesReader:
@@ -370,14 +398,70 @@ class _BytesReader:
         return chunk
 
 
+class _HeaderGuard:
+    """Refuses an oversized pax or GNU extended header as it streams past, before tarfile.
+
+    tarfile reads an extended header's data (types ``x``, ``g``, ``L``, ``K``) into memory
+    in one piece, before the manifest's signature can be checked: a hostile sender could
+    declare gigabytes there. This follows the 512-byte header blocks through the stream
+    (each member's data is skipped by its declared size) and checks each one's type and
+    size, so no more than ``MAX_EXTENDED`` bytes are ever read that way.
+    """
+
+    MAX_EXTENDED = 64 * 1024
+
+    def __init__(self, src: SupportsRead) -> None:
+        self._src = src
+        self._pos = 0  # bytes read so far
+        self._next = 0  # where the next header block starts
+        self._block = bytearray()
+        self._done = False  # past the end-of-archive marker: only padding follows
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        if data and not self._done:
+            self._scan(data)
+        self._pos += len(data)
+        return data
+
+    def _scan(self, data: bytes) -> None:
+        i = 0
+        while i < len(data) and not self._done:
+            at = self._pos + i
+            if at < self._next:
+                i += min(len(data) - i, self._next - at)
+                continue
+            take = data[i : i + 512 - len(self._block)]
+            self._block += take
+            i += len(take)
+            if len(self._block) == 512:
+                self._check(bytes(self._block))
+                self._block.clear()
+
+    def _check(self, block: bytes) -> None:
+        if block.count(0) == len(block):
+            self._done = True
+            return
+        field = block[124:136]
+        try:
+            size = (int.from_bytes(field[1:], "big") if field[0] & 0x80
+                    else int(field.rstrip(b"\x00 ").decode("ascii") or "0", 8))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BundleError("bundle container: a tar header has a malformed size") from e
+        if block[156:157] in (b"x", b"g", b"L", b"K") and size > self.MAX_EXTENDED:
+            raise LimitError(f"bundle container: an extended tar header of {size} bytes")
+        self._next = self._next + 512 + -(-size // 512) * 512
+
+
 class _RecentReader:
     """Passes reads through, keeping the most recent bytes so the tar's tail can be checked.
 
-    tarfile's stream mode buffers less than one read ahead of what it has parsed, so
-    keeping the last ``_KEEP`` bytes (at least) covers everything it read but did not use.
+    tarfile's stream mode buffers less than one read (``_TAR_READ``) ahead of what it
+    has parsed, so keeping the last ``_KEEP`` bytes (at least) covers everything it read
+    but did not use.
     """
 
-    _KEEP = 4 * _COPY
+    _KEEP = 4 * _TAR_READ
 
     def __init__(self, src: SupportsRead) -> None:
         self._src = src
@@ -434,9 +518,9 @@ class BundleReader:
         envelope: EnvelopeHeader,
         me: bytes,
     ) -> None:
-        self._src = _RecentReader(plaintext)
+        self._src = _RecentReader(_HeaderGuard(plaintext))
         try:
-            self._tar = tarfile.open(fileobj=self._src, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115 - lives as long as the reader
+            self._tar = tarfile.open(fileobj=self._src, mode="r|", bufsize=_TAR_READ)  # type: ignore[call-overload]  # noqa: SIM115 - lives as long as the reader
             raw = self._member(MEMBER_MANIFEST, max_size=MAX_MANIFEST)
             sig = self._member(MEMBER_SIGNATURE, max_size=64)
         except tarfile.TarError as e:

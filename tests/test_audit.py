@@ -466,7 +466,7 @@ async def test_monitor_refuses_a_relay_serving_more_entries_than_asked(case: Cas
     await server.start_server()
     try:
         async with RelayClient(str(server.make_url("")).rstrip("/")) as r:
-            with pytest.raises(audit.AuditError, match="entries where .* were asked"):
+            with pytest.raises(audit.AuditError, match=r"entries where .* were asked"):
                 await audit.monitor_once(r, tmp_path / "m.json")
     finally:
         await server.close()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import tarfile
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -899,19 +900,27 @@ def test_fuzz_plaintext_from_a_hostile_sender(data: st.DataObject) -> None:
     assert files == {"a.txt": b"small file"}
 
 
+def _allowed_name(name: str) -> bool:
+    try:
+        bundle.check_file_name(name)
+    except DecodeError:
+        return False
+    return True
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.tuples(
             st.text(
-                st.characters(codec="utf-8", exclude_categories=("C", "Z"), exclude_characters="/\\"),
+                st.characters(codec="utf-8", exclude_categories=("C", "Z"), exclude_characters='/\\:<>"|?*'),
                 min_size=1,
                 max_size=20,
-            ).filter(lambda n: n not in {".", ".."}),
+            ).filter(_allowed_name),
             st.binary(max_size=3000),
         ),
         max_size=4,
-        unique_by=lambda t: t[0].casefold(),
+        unique_by=lambda t: unicodedata.normalize("NFC", t[0]).casefold(),
     )
 )
 def test_round_trip_property(files: list[tuple[str, bytes]]) -> None:
@@ -921,3 +930,35 @@ def test_round_trip_property(files: list[tuple[str, bytes]]) -> None:
     reader, out = _open(sent.ciphertext, header=sent.header)
     assert out == dict(files)
     assert reader.manifest == m
+
+
+def _raw_header(name: bytes, typeflag: bytes, size: int) -> bytes:
+    block = bytearray(512)
+    block[0 : len(name)] = name
+    block[100:108] = b"0000644\x00"
+    block[124:136] = f"{size:011o}".encode() + b"\x00"
+    block[156:157] = typeflag
+    block[257:263] = b"ustar\x00"
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\x00 ".encode()
+    return bytes(block)
+
+
+@pytest.mark.parametrize("typeflag", [b"x", b"g", b"L", b"K"])
+def test_huge_extended_header_is_refused_before_reading_it(typeflag: bytes) -> None:
+    """Review finding: tarfile reads pax/GNU extended headers whole; a hostile sender declaring
+    a huge one must be refused as soon as its header block passes, before any allocation."""
+    declared = 1 << 34  # 16 GiB, of which only the header block is present
+    stream = io.BytesIO(_raw_header(b"././@PaxHeader", typeflag, declared) + bytes(4096))
+    header = EnvelopeHeader(id=bytes(16), sender=ALICE.device_id, to=(BOB.device_id,), created=1, expires=2,
+                            size=0, sha256=bytes(32))
+    with pytest.raises(LimitError, match="extended tar header"):
+        BundleReader(stream, sender=ALICE.public(), envelope=header, me=BOB.device_id)
+
+
+@pytest.mark.parametrize("name", ["D:evil.exe", "a:b", "con", "CON.txt", "lpt1", "nul.pdf", "scan.", "a?b",
+                                  'x"y', "a|b", "a*b", "a<b", "a>b"])
+def test_windows_unsafe_names_are_refused(name: str) -> None:
+    """Review finding: on Windows "D:evil.exe" is a drive-relative path and "con" a device."""
+    with pytest.raises(DecodeError):
+        FileEntry(name=name, media_type="application/pdf", size=1, sha256=bytes(32))
