@@ -19,7 +19,6 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,8 +96,7 @@ async def export_package(
         _add(tar, "audit.json", json.dumps(doc, indent=2, ensure_ascii=False).encode())
         if with_content:
             for eid in envelopes:
-                for name, data in _content(home, keys, eid, headers[eid][1]):
-                    _add(tar, f"content/{eid}/{name}", data)
+                _add_content(tar, home, keys, eid, headers[eid][1])
     tmp.replace(out)
     return {"case_id": case_id, "envelopes": len(envelopes), "receipts": sum(len(e["receipts"]) for e in
             doc["envelopes"]), "checkpoints": len(doc["checkpoints"]), "with_content": with_content,
@@ -186,23 +184,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _content(home: Home, keys: Any, eid: str, header: EnvelopeHeader) -> Iterator[tuple[str, bytes]]:
-    """The envelope's decrypted manifest, signature and files, from the local archive."""
+def _add_content(tar: tarfile.TarFile, home: Home, keys: Any, eid: str, header: EnvelopeHeader) -> None:
+    """Decrypt the archived envelope into the package, streaming: memory stays flat."""
     with home.store() as db:
         row = db.execute("SELECT record FROM devices WHERE device_id = ?", (header.sender.hex(),)).fetchone()
     if row is None:
         raise AuditError(f"the sender's keys of {eid} are not known on this device")
     sender = DevicePublic.from_bytes(bytes(row["record"]))
+    base = f"content/{eid}/"
     with (home.envelopes / f"{eid}.age").open("rb") as f:
         reader = BundleReader(age.DecryptReader(f, [keys.identity]), sender=sender, envelope=header,
                               me=keys.device_id)
-        yield "manifest", reader.manifest_bytes
-        yield "manifest.sig", reader.signature
+        _add(tar, base + "manifest", reader.manifest_bytes)
+        _add(tar, base + "manifest.sig", reader.signature)
         for entry, stream in reader.files():
-            chunks = []
-            while chunk := stream.read(_COPY):
-                chunks.append(chunk)
-            yield "files/" + entry.name, b"".join(chunks)
+            info = tarfile.TarInfo(base + "files/" + entry.name)
+            info.size, info.mtime, info.mode = entry.size, 0, 0o644
+            tar.addfile(info, stream)  # type: ignore[arg-type]  # reads exactly info.size bytes
         reader.finish()
 
 
@@ -227,7 +225,9 @@ class Report:
                 "failures": self.failures, "checks": self.checks, "timeline": self.timeline}
 
 
-def _read_package(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _read_package(path: Path, *, hash_files: bool = True) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """audit.json and the content members. With ``hash_files`` (verification), an
+    attachment's value is its SHA-256, computed as it streams: memory stays flat."""
     content: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:") as tar:
@@ -242,7 +242,15 @@ def _read_package(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
                     raise AuditError(f"unexpected member {m.name!r} in the package")
                 g = tar.extractfile(m)
                 assert g is not None
-                content[m.name] = g.read()
+                if hash_files and "/files/" in m.name:
+                    h = hashlib.sha256()
+                    while chunk := g.read(_COPY):
+                        h.update(chunk)
+                    content[m.name] = h.digest()
+                elif m.size > MAX_JSON:
+                    raise AuditError(f"member {m.name!r} is too large")
+                else:
+                    content[m.name] = g.read()
     except (OSError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AuditError(f"cannot read the package: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -495,8 +503,8 @@ def _check_content(
     for f in m.files:
         name = base + "files/" + f.name
         covered.add(name)
-        data = content.get(name)
-        if data is None or hashlib.sha256(data).digest() != f.sha256:
+        digest = content.get(name)  # hashed as it was read (see _read_package)
+        if digest is None or digest != f.sha256:
             rep.fail(f"content of {eid[:12]}: file {f.name!r} does not match the signed manifest")
             return covered
     rep.checks.append(f"content of {eid[:12]}: manifest signed by the sender for this case, "

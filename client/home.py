@@ -247,11 +247,6 @@ class Home:
                 tuple(row.values()),
             )
 
-    def known(self, envelope_id: str) -> dict[str, Any] | None:
-        with self.store() as db:
-            row = db.execute("SELECT * FROM envelopes WHERE id = ?", (envelope_id,)).fetchone()
-            return dict(row) if row else None
-
     def history(self) -> list[dict[str, Any]]:
         with self.store() as db:
             return [dict(r) for r in db.execute("SELECT * FROM envelopes ORDER BY created, id")]

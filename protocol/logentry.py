@@ -108,10 +108,6 @@ class LogEntry:
             raise DecodeError(f"log entry {t.name}: a field has the wrong length")
         return head + body
 
-    @property
-    def leaf(self) -> bytes:
-        return self.to_bytes()
-
     @classmethod
     def from_bytes(cls, data: bytes) -> LogEntry:
         """Parse one leaf.

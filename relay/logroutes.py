@@ -14,10 +14,9 @@ from protocol.errors import DecodeError
 from relay.app import LOG
 from relay.errors import RelayError
 
-__all__ = ["LOG_ROUTES", "add_log_routes"]
+__all__ = ["add_log_routes"]
 
 MAX_ENTRIES = 1000
-LOG_ROUTES = frozenset({"checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries"})
 _TEXT = "text/plain"
 
 

@@ -134,10 +134,6 @@ class EnvelopeRow:
     state: str
     received_at: int | None
 
-    @property
-    def complete(self) -> bool:
-        return self.state == "stored"
-
 
 def code_hash(code: str) -> bytes:
     """Invitation codes are stored hashed: a copy of the database enrols nobody."""

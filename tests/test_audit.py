@@ -130,7 +130,7 @@ async def case(tmp_path: Path, start_relay: StartRelay) -> Case:
 
 
 def _rewrite(package: Path, out: Path, change: Callable[[dict[str, Any], dict[str, bytes]], None]) -> Path:
-    doc, content = audit._read_package(package)
+    doc, content = audit._read_package(package, hash_files=False)
     change(doc, content)
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in [("audit.json", json.dumps(doc).encode()), *content.items()]:
