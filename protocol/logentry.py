@@ -89,6 +89,9 @@ class LogEntry:
 
     def to_bytes(self) -> bytes:
         t = self.type
+        for name, value in (("time", self.time), ("act_time", self.act_time)):
+            if not 0 <= value < 1 << 64:
+                raise DecodeError(f"log entry: {name} out of range")
         head = _HEAD.pack(VERSION, t, self.time)
         if t == EntryType.DEVICE_ENROLLED:
             body = self.device_id + _rpps(self.rpps) + self.record_hash
@@ -107,6 +110,11 @@ class LogEntry:
         if len(body) != _BODY_SIZE[t]:
             raise DecodeError(f"log entry {t.name}: a field has the wrong length")
         return head + body
+
+    @property
+    def leaf(self) -> bytes:
+        """The leaf bytes (what the log stores and hashes)."""
+        return self.to_bytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LogEntry:

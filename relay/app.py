@@ -27,7 +27,7 @@ from protocol.errors import AuthError, PliError
 from relay.blobs import BlobStore
 from relay.config import RelayConfig
 from relay.errors import RelayError
-from relay.log import TransparencyLog, open_log
+from relay.log import LogIntegrityError, TransparencyLog, open_log
 from relay.storage import Device, Storage
 
 __all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LOG", "STORAGE", "create_app"]
@@ -98,6 +98,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         resp = await handler(request)
     except RelayError as e:
         resp = problem(e.status, e.code, e.message, **e.extra)
+    except LogIntegrityError as e:
+        # The log contradicts itself: refuse to vouch for anything until an operator looks.
+        log.critical("log_integrity", error=str(e), route=_route_name(request))
+        resp = problem(503, "log_integrity", "the relay's log failed an integrity check; nothing was recorded")
     except PliError as e:
         resp = problem(e.status, e.code, e.message)
     except web.HTTPException as e:
