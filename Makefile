@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup system-deps lint
+.PHONY: demo test setup system-deps lint bench-quick
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Each benchmark once, small, so none of them rots (figures: bench/README.md).
+bench-quick: setup
+	$(BIN)/python bench/relay.py --quick
+	$(BIN)/python bench/bundle.py --size 32M --rounds 1
+	$(BIN)/python bench/transfer.py --quick
+	$(BIN)/python bench/audit.py --quick
+
 test: setup system-deps lint
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory bench-quick

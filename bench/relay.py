@@ -130,6 +130,8 @@ async def _load(url: str, requests: list[bytes], connections: int, seconds: floa
                 latencies.append(time.perf_counter() - t0)
                 if status >= 300:
                     errors += 1
+                    if errors <= 3:
+                        print("refused:", head.split(b"\r\n")[0].decode(), file=sys.stderr)
         finally:
             writer.close()
 

@@ -317,11 +317,11 @@ class TransparencyLog:
         for i in range(0, len(pairs), 400):
             chunk = pairs[i : i + 400]
             marks = ",".join("(?, ?)" for _ in chunk)
-            cur = await db.execute(
+            rows = await db.execute_fetchall(  # one call: see Storage.read_all
                 f"SELECT level, idx, hash FROM log_nodes WHERE (level, idx) IN (VALUES {marks})",  # noqa: S608
                 [v for pair in chunk for v in pair],
             )
-            for level, idx, h in await cur.fetchall():
+            for level, idx, h in rows:
                 found[(level, idx)] = h
         missing = need - found.keys()
         if missing:
@@ -342,19 +342,15 @@ class TransparencyLog:
         return prover(merkle.range_hasher(lambda level, idx: found[(level, idx)]))
 
     async def size(self) -> int:
-        cur = await self.storage.db.execute("SELECT MAX(size) FROM log_checkpoints")
-        row = await cur.fetchone()
+        row = await self.storage.read_one("SELECT MAX(size) FROM log_checkpoints")
         return int(row[0]) if row and row[0] is not None else 0
 
     async def checkpoint(self, size: int | None = None) -> tuple[int, str]:
         """The signed checkpoint of ``size`` (the latest when None)."""
         if size is None:
-            cur = await self.storage.db.execute(
-                "SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1"
-            )
+            row = await self.storage.read_one("SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1")
         else:
-            cur = await self.storage.db.execute("SELECT size, note FROM log_checkpoints WHERE size = ?", (size,))
-        row = await cur.fetchone()
+            row = await self.storage.read_one("SELECT size, note FROM log_checkpoints WHERE size = ?", (size,))
         if row is None:
             raise KeyError(size)
         return int(row[0]), str(row[1])
@@ -379,10 +375,10 @@ class TransparencyLog:
 
 
     async def entries(self, start: int, end: int) -> list[bytes]:
-        cur = await self.storage.db.execute(
+        rows = await self.storage.read_all(
             "SELECT data FROM log_leaves WHERE idx >= ? AND idx < ? ORDER BY idx", (start, end)
         )
-        return [bytes(r[0]) for r in await cur.fetchall()]
+        return [bytes(r[0]) for r in rows]
 
     async def device_leaves(self, device_id: bytes) -> list[tuple[int, bytes]]:
         """The enrolment and revocation leaves of a device.
@@ -393,14 +389,13 @@ class TransparencyLog:
         return await self.leaves_of(device_subject(device_id))
 
     async def leaves_of(self, envelope_id: bytes) -> list[tuple[int, bytes]]:
-        # Only leaves under a signed checkpoint: reads share the sequencer's connection, and
-        # a batch in progress has leaves it has not signed yet (no proof exists for them).
-        cur = await self.storage.db.execute(
+        # Only leaves under a signed checkpoint (no proof exists for others).
+        rows = await self.storage.read_all(
             "SELECT idx, data FROM log_leaves WHERE envelope_id = ?"
             " AND idx < (SELECT COALESCE(MAX(size), 0) FROM log_checkpoints) ORDER BY idx",
             (envelope_id,),
         )
-        return [(int(r[0]), bytes(r[1])) for r in await cur.fetchall()]
+        return [(int(r[0]), bytes(r[1])) for r in rows]
 
 
 def device_subject(device_id: bytes) -> bytes:

@@ -224,13 +224,21 @@ class Storage:
         async with self.transaction() as db:
             await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    async def _one(self, sql: str, args: Iterable[Any] = ()) -> Any:
-        cur = await self._reader.execute(sql, tuple(args))
-        return await cur.fetchone()
+    async def read_one(self, sql: str, args: Iterable[Any] = ()) -> Any:
+        rows = await self.read_all(sql, args)
+        return rows[0] if rows else None
 
-    async def _all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
-        cur = await self._reader.execute(sql, tuple(args))
-        return list(await cur.fetchall())
+    async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        """Rows from the read-only connection, executed and fetched in one call.
+
+        Requests share this connection: a statement left open between an ``execute`` and
+        its fetch keeps the connection in that statement's read snapshot, and another
+        request's query would then run in the old snapshot (and miss a committed batch).
+        """
+        return list(await self._reader.execute_fetchall(sql, tuple(args)))
+
+    _one = read_one
+    _all = read_all
 
     # -- practitioners, invitations, devices ------------------------------------------
 
