@@ -360,16 +360,22 @@ def _field_sig(data: dict[str, Any]) -> bytes:
     return sig
 
 
-async def read_envelope(request: web.Request) -> web.Response:
-    """A recipient device says, with its signature, that it opened the envelope (SPEC.md §11.3)."""
+async def _recipient_act(request: web.Request, what: str) -> tuple[bytes, dict[str, Any], EnvelopeRow, Device]:
+    """The statement, and the envelope it is about: complete, and addressed to this device."""
     envelope_id = _hex_id(request.match_info["id"])
     data = await _statement(request)
     row, recipients = await _visible(request, envelope_id)
     device: Device = request[DEVICE]
     if device.device_id not in recipients:
-        raise RelayError("forbidden", 403, "only a recipient device reads an envelope")
+        raise RelayError("forbidden", 403, f"only a recipient device {what} an envelope")
     if row.state == "uploading":
         raise not_found("no such envelope")
+    return envelope_id, data, row, device
+
+
+async def read_envelope(request: web.Request) -> web.Response:
+    """A recipient device says, with its signature, that it opened the envelope (SPEC.md §11.3)."""
+    envelope_id, data, row, device = await _recipient_act(request, "reads")
     entry = LogEntry(type=EntryType.READ, time=0, envelope_id=envelope_id, envelope_hash=row.envelope_hash,
                      device_id=device.device_id, act_time=_field_int(data, "read_at"),
                      signature=_field_sig(data))
@@ -379,14 +385,7 @@ async def read_envelope(request: web.Request) -> web.Response:
 
 async def answered_envelope(request: web.Request) -> web.Response:
     """A recipient device says, with its signature, which of its envelopes answers this one."""
-    envelope_id = _hex_id(request.match_info["id"])
-    data = await _statement(request)
-    row, recipients = await _visible(request, envelope_id)
-    device: Device = request[DEVICE]
-    if device.device_id not in recipients:
-        raise RelayError("forbidden", 403, "only a recipient device answers an envelope")
-    if row.state == "uploading":
-        raise not_found("no such envelope")
+    envelope_id, data, row, device = await _recipient_act(request, "answers")
     answer = await request.app[STORAGE].envelope(_hex_id(str(data.get("answer", "")), "answer"))
     if answer is None or answer.sender != device.device_id or answer.state == "uploading":
         raise not_found("no such answer envelope sent by this device")
