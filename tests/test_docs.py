@@ -14,7 +14,7 @@ def test_threat_model_cites_only_tests_that_exist() -> None:
     assert files, "the threat model cites no test"
     defined = {
         m for f in (ROOT / "tests").glob("test_*.py")
-        for m in re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", f.read_text(encoding="utf-8"), re.M)
+        for m in re.findall(r"^(?:async )?def (test_[a-z0-9_]+)", f.read_text(encoding="utf-8"), re.MULTILINE)
     }
     for f in files:
         assert (ROOT / "tests" / f"{f}.py").is_file(), f
