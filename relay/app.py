@@ -50,6 +50,8 @@ class UploadSlot:
 
 
 UPLOAD_LOCKS: web.AppKey[dict[bytes, UploadSlot]] = web.AppKey("upload_locks")
+#: running SHA-256 of each upload in progress: envelope id -> (bytes hashed, hash object)
+UPLOAD_HASHES: web.AppKey[dict[bytes, tuple[int, Any]]] = web.AppKey("upload_hashes")
 
 #: the authenticated device, set by auth_middleware
 DEVICE = web.RequestKey("device", Device)
@@ -224,6 +226,7 @@ def create_app(cfg: RelayConfig, *, clock: Callable[[], int] | None = None) -> w
     app[CONFIG] = cfg
     app[CLOCK] = clock or (lambda: int(time.time()))
     app[UPLOAD_LOCKS] = {}
+    app[UPLOAD_HASHES] = {}
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_purge_ctx)
     add_routes(app)

@@ -24,7 +24,7 @@ from protocol.errors import DecodeError, LimitError
 from protocol.ids import check_rpps
 from protocol.keys import DevicePublic, fingerprint
 from protocol.logentry import EntryType, LogEntry
-from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, LOG, STORAGE, UPLOAD_LOCKS, UploadSlot
+from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, LOG, STORAGE, UPLOAD_HASHES, UPLOAD_LOCKS, UploadSlot
 from relay.errors import RelayError, not_found
 from relay.log import Skip, device_subject, receipt_json
 from relay.logroutes import add_log_routes
@@ -38,6 +38,7 @@ ENVELOPE_TYPE = "application/vnd.pli.envelope"
 MSGPACK_TYPE = "application/msgpack"
 MAX_ENROLL = 4096
 _STALE_UPLOAD = 7 * 86400
+_MAX_RUNNING_HASHES = 10_000  # beyond, uploads in progress are re-read at their end
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -612,8 +613,14 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         await storage.set_received(header.id, 0, complete=False, now=now)
         raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
     fd = blobs.open_part(header.id, prefix, new=row is None or not part_exists)
-    # A new upload sent from offset 0 is hashed as it streams; a resumed one is re-read.
-    ct_hash = hashlib.sha256() if row is None and start == 0 else None
+    # The ciphertext is hashed as it streams, across the requests of an upload (kept in
+    # memory between them); after a restart or an error the file is re-read at the end.
+    running = app[UPLOAD_HASHES]
+    kept = running.pop(header.id, None)
+    if row is None:
+        ct_hash = hashlib.sha256() if start == 0 else None
+    else:
+        ct_hash = kept[1] if kept is not None and kept[0] == held else None
     pos = start
     body_ok = False  # the request's bytes matched their Content-Digest
     try:
@@ -626,8 +633,8 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                 if end > held:
                     skip = max(0, held - pos)
                     blobs.write(fd, len(prefix) + pos + skip, memoryview(data)[skip:])
-                if ct_hash is not None:
-                    ct_hash.update(data)
+                    if ct_hash is not None:
+                        ct_hash.update(memoryview(data)[skip:])
                 pos = end
             data = await body.chunk()
             if not data:
@@ -644,6 +651,8 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             await asyncio.to_thread(blobs.commit, header.id, fd)
         else:
             await asyncio.to_thread(os.fsync, fd)
+            if ct_hash is not None and len(running) < _MAX_RUNNING_HASHES:
+                running[header.id] = (pos, ct_hash)
     except BaseException as e:
         os.close(fd)
         if row is None:
