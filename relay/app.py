@@ -59,7 +59,7 @@ DEVICE = web.RequestKey("device", Device)
 DIGEST = web.RequestKey("digest", bytes)
 
 PUBLIC_ROUTES = frozenset(
-    {"health", "enroll", "checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries"}
+    {"health", "enroll", "checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries", "openapi"}
 )
 _KEYID = re.compile(r'keyid="([0-9a-f]{32})"')
 
@@ -181,9 +181,10 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     blobs = BlobStore(cfg.data / "blobs")
     app[STORAGE] = storage
     app[BLOBS] = blobs
-    removed = blobs.sweep(await storage.live_envelope_ids())
+    removed = blobs.sweep(stored=await storage.envelope_ids("stored"),
+                          uploading=await storage.envelope_ids("uploading"))
     if removed:
-        log.warning("startup_recovery", removed_orphan_blobs=len(removed))
+        log.warning("startup_recovery", removed_orphan_blobs=len(removed), files=sorted(removed))
     try:
         tlog = await open_log(cfg.data, storage, origin=cfg.log_origin, clock=app[CLOCK],
                               window=cfg.group_commit_ms / 1000)

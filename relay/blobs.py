@@ -64,9 +64,12 @@ class BlobStore:
         final = self.final_path(envelope_id)
         try:
             os.fsync(fd)
+            created = not final.parent.exists()
             final.parent.mkdir(exist_ok=True)
             self.part_path(envelope_id).replace(final)
-            for folder in (final.parent, self.incoming):
+            # A new <aa>/ folder must itself survive a power cut: fsync its parent too.
+            folders = (final.parent, self.incoming, *((self.root,) if created else ()))
+            for folder in folders:
                 dfd = os.open(folder, os.O_RDONLY)
                 try:
                     os.fsync(dfd)
@@ -79,16 +82,22 @@ class BlobStore:
         for path in (self.final_path(envelope_id), self.part_path(envelope_id)):
             path.unlink(missing_ok=True)
 
-    def sweep(self, live: set[bytes]) -> list[str]:
-        """Remove files no live envelope owns (left by a crash); returns their names."""
+    def sweep(self, *, stored: set[bytes], uploading: set[bytes]) -> list[str]:
+        """Remove files no envelope owns (left by a crash); returns their names.
+
+        A blob under its final name belongs to a stored envelope, a part file to an upload
+        in progress. A crash after an upload's last request renamed its part into place but
+        before its log batch committed leaves a final blob whose row is still uploading: it
+        goes too (the upload resumes from the row, from 0 as its part is gone).
+        """
         removed = []
         for path in self.root.glob("*/*"):
-            name = path.name.removesuffix(".part")
+            part = path.parent == self.incoming
             try:
-                eid = bytes.fromhex(name)
+                eid = bytes.fromhex(path.name.removesuffix(".part") if part else path.name)
             except ValueError:
                 continue
-            if eid not in live:
+            if eid not in (uploading if part else stored):
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed

@@ -481,6 +481,7 @@ class Storage:
             cur = await db.execute("DELETE FROM nonces WHERE expires <= ?", (now,))
             return cur.rowcount
 
-    async def live_envelope_ids(self) -> set[bytes]:
-        rows = await self._all("SELECT id FROM envelopes WHERE state != 'deleted'")
+    async def envelope_ids(self, state: str) -> set[bytes]:
+        """The ids of the envelopes in ``state`` (uploading, stored, deleted)."""
+        rows = await self._all("SELECT id FROM envelopes WHERE state = ?", (state,))
         return {r[0] for r in rows}
