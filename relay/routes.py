@@ -28,6 +28,7 @@ from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, LOG, STORAGE, UPLOAD
 from relay.errors import RelayError, not_found
 from relay.log import Skip, device_subject, receipt_json
 from relay.logroutes import add_log_routes
+from relay.openapi import add_openapi_route
 from relay.storage import Device, EnvelopeRow, Practitioner
 
 __all__ = ["ENVELOPE_TYPE", "add_routes", "purge_once"]
@@ -57,6 +58,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/envelopes/{id}/answered", answered_envelope, name="answered_envelope")
     app.router.add_get("/v1/envelopes/{id}/receipts", envelope_receipts, name="envelope_receipts")
     add_log_routes(app)
+    add_openapi_route(app)
 
 
 def _b64(b: bytes) -> str:
