@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +42,32 @@ def peak_rss_mib() -> float:
 
 def mb_per_s(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6
+
+
+class BenchError(Exception):
+    """Something a benchmark checks went wrong: the run fails (non-zero exit)."""
+
+
+def start_server(
+    argv: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a server that prints its URL as its first stdout line."""
+    with log.open("w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http"):
+        proc.kill()
+        raise BenchError(f"{argv[:4]} did not start: {log.read_text()[-2000:]}")
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import start_server, stop
+
 from client.api import RelayClient
 from protocol import httpsig
 from protocol.envelope import EnvelopeHeader, seal_header
@@ -38,27 +40,6 @@ from protocol.keys import DeviceKeys
 BODY = 4096
 GP = ("10000005479", "Dr Claire Martin")
 DERM = ("10000012343", "Dr Karim Benali")
-
-
-def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http://"):
-        proc.kill()
-        raise SystemExit(f"server did not start: {args}")
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 async def _enrol(url: str, data: Path) -> tuple[DeviceKeys, DeviceKeys]:
@@ -173,14 +154,14 @@ def baseline_server() -> None:
 
 def _relay_run(tmp: Path, name: str, n: int, connections: int, seconds: float, env: dict[str, str]) -> dict[str, float]:
     data = tmp / name
-    proc, url = _start(["-m", "relay", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
-                       {"PLI_RELAY_LOG_FORMAT": "json", **env})
+    proc, url = start_server([sys.executable, "-m", "relay", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
+                             Path(os.devnull), {"PLI_RELAY_LOG_FORMAT": "json", **env})
     try:
         gp, derm = asyncio.run(_enrol(url, data))
         reqs = _requests(url, gp, derm, n)
         result = asyncio.run(_load(url, reqs, connections, seconds))
     finally:
-        _stop(proc)
+        stop(proc)
     return result
 
 
@@ -199,13 +180,13 @@ def main() -> None:
         args.seconds, args.requests, args.connections = 1.0, 1500, 16
     with tempfile.TemporaryDirectory(prefix="pli-bench-") as t:
         tmp = Path(t)
-        proc, url = _start([__file__, "--baseline-server"])
+        proc, url = start_server([sys.executable, __file__, "--baseline-server"], Path(os.devnull))
         try:
             dummy = DeviceKeys.generate(now=int(time.time()))
             base = asyncio.run(_load(url, _requests(url, dummy, dummy, args.requests), args.connections,
                                      args.seconds))
         finally:
-            _stop(proc)
+            stop(proc)
         relay = _relay_run(tmp, "relay", args.requests, args.connections, args.seconds, {})
         nowindow = _relay_run(tmp, "relay0", args.requests, args.connections, args.seconds,
                               {"PLI_RELAY_GROUP_COMMIT_MS": "0"})

@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+from _common import BenchError, start_server, stop  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from client import api, core  # noqa: E402
@@ -59,10 +60,6 @@ _LIMIT = 1 << 62  # the bench downloads what it uploaded itself; core._download 
 MEMORY_LIMIT = 100 * MiB
 SENDER = ("10000005479", "Dr Claire Martin")
 RECIPIENT = ("10000012343", "Dr Karim Benali")
-
-
-class BenchError(Exception):
-    pass
 
 
 class Cut(Exception):
@@ -144,28 +141,6 @@ class Phase:
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-def start_server(argv: list[str], log: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start a server that prints its URL as its first stdout line."""
-    with log.open("w") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-    assert proc.stdout is not None
-    url = proc.stdout.readline().strip()
-    if not url.startswith("http"):
-        proc.kill()
-        raise BenchError(f"{argv[:4]} did not start: {log.read_text()[-2000:]}")
-    return proc, url
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def invite(data: Path, rpps: str, name: str) -> str:

@@ -59,6 +59,16 @@ async def _send_photo(env: Env, gp: tuple[Home, DeviceKeys], size: int = 300_000
     return sent, data
 
 
+async def _whole_envelope(env: Env, keys: DeviceKeys, envelope_id: str) -> tuple[bytes, int]:
+    """The envelope as the relay serves it, and the length of its prefix."""
+    full = bytearray()
+    async with core.RelayClient(env.url, keys) as r:
+        await r.download(bytes.fromhex(envelope_id), full.extend)
+    split = core.split_prefix(full)
+    assert split is not None
+    return bytes(full), split[1]
+
+
 async def test_download_resumes_from_where_it_was_cut(env: Env) -> None:
     gp = await env.practitioner(GP, "gp")
     derm_home, derm_keys = await env.practitioner(DERM, "derm")
@@ -66,12 +76,7 @@ async def test_download_resumes_from_where_it_was_cut(env: Env) -> None:
     # A first attempt was cut after the prefix and half the ciphertext. To prove the
     # next attempt asks only for the rest (a Range request) rather than starting over,
     # the half it kept has one byte altered: a resumed download must then fail to verify.
-    full = bytearray()
-    async with core.RelayClient(env.url, derm_keys) as r:
-        await r.download(bytes.fromhex(sent.envelope_id), full.extend)
-    split = core.split_prefix(full)
-    assert split is not None
-    _, used = split
+    full, used = await _whole_envelope(env, derm_keys, sent.envelope_id)
     envelopes = derm_home.envelopes
     envelopes.mkdir(parents=True)
     (envelopes / f"{sent.envelope_id}.prefix").write_bytes(bytes(full[:used]))
@@ -95,12 +100,7 @@ async def test_intact_partial_download_completes(env: Env) -> None:
     gp = await env.practitioner(GP, "gp")
     derm_home, derm_keys = await env.practitioner(DERM, "derm")
     sent, data = await _send_photo(env, gp)
-    full = bytearray()
-    async with core.RelayClient(env.url, derm_keys) as r:
-        await r.download(bytes.fromhex(sent.envelope_id), full.extend)
-    split = core.split_prefix(full)
-    assert split is not None
-    _, used = split
+    full, used = await _whole_envelope(env, derm_keys, sent.envelope_id)
     derm_home.envelopes.mkdir(parents=True)
     (derm_home.envelopes / f"{sent.envelope_id}.prefix").write_bytes(bytes(full[:used]))
     (derm_home.envelopes / f"{sent.envelope_id}.age.part").write_bytes(bytes(full[used : used + 1000]))
