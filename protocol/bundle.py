@@ -29,7 +29,7 @@ from typing import Any
 
 import nacl.signing
 
-from protocol import codec
+from protocol import case, codec
 from protocol.age import SupportsRead, SupportsWrite
 from protocol.envelope import ID_SIZE, MAX_RECIPIENTS, EnvelopeHeader
 from protocol.errors import BundleError, DecodeError, LimitError, NotARecipientError
@@ -47,7 +47,8 @@ __all__ = [
     "write_bundle",
 ]
 
-KINDS = ("request", "reply")
+KINDS = tuple(sorted(case.KINDS))
+VERSION = 2  # manifest version: 2 carries the téléexpertise case model (protocol/case.py)
 MAX_FILES = 256
 MAX_MANIFEST = 1 << 20
 MAX_TEXT = 256 * 1024
@@ -68,7 +69,7 @@ _BAD_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:<>"|?*]')
 _WINDOWS_RESERVED = re.compile(r"(?i)(con|prn|aux|nul|com[1-9]|lpt[1-9])(\..*)?")
 
 _MANIFEST_LIMITS = codec.Limits(
-    max_size=MAX_MANIFEST, max_str=MAX_TEXT, max_bin=64, max_array=MAX_FILES, max_map=32
+    max_size=MAX_MANIFEST, max_str=MAX_TEXT, max_bin=64, max_array=MAX_FILES, max_map=MAX_FILES
 )
 
 
@@ -164,13 +165,6 @@ class Sender:
         return s
 
 
-# Body fields per kind (SPEC.md §6.3): name -> (type, required)
-_BODY_SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
-    "request": {"subject": (str, True), "patient": (str, True), "text": (str, True)},
-    "reply": {"in_reply_to": (bytes, True), "text": (str, True)},
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """The signed description of a bundle. Its invariants are checked at construction."""
@@ -184,7 +178,7 @@ class Manifest:
     files: tuple[FileEntry, ...]
     body: dict[str, Any] = field(hash=False)
 
-    def __post_init__(self) -> None:  # noqa: C901, PLR0912 - one check per invariant, in SPEC order
+    def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise DecodeError(f"unknown bundle kind {self.kind!r}")
         if len(self.case_id) != ID_SIZE or len(self.envelope_id) != ID_SIZE:
@@ -202,24 +196,17 @@ class Manifest:
         names = [unicodedata.normalize("NFC", f.name).casefold() for f in self.files]
         if len(set(names)) != len(names):
             raise DecodeError("two files have the same name")
-        schema = _BODY_SCHEMA[self.kind]
-        for key, value in self.body.items():
-            if key not in schema:
-                raise DecodeError(f"{self.kind} body: unknown field {key!r}")
-            if not isinstance(value, schema[key][0]):
-                raise DecodeError(f"{self.kind} body: field {key!r} has the wrong type")
-        for key, (_, required) in schema.items():
-            if required and key not in self.body:
-                raise DecodeError(f"{self.kind} body: field {key!r} is missing")
-        if self.kind == "reply" and len(self.body["in_reply_to"]) != ID_SIZE:
-            raise DecodeError("reply body: in_reply_to is a 16-byte envelope id")
-        if any(isinstance(v, str) and len(v.encode()) > MAX_TEXT for v in self.body.values()):
-            raise LimitError("body text over the limit")
+        if not isinstance(self.body, dict):
+            raise DecodeError("manifest body must be a map")
+        case.check_body(
+            self.kind, self.body, sender_rpps=self.sender.rpps,
+            files={f.name: f.media_type for f in self.files},
+        )
 
     def to_bytes(self) -> bytes:
         return codec.encode(
             {
-                "v": 1,
+                "v": VERSION,
                 "kind": self.kind,
                 "case": self.case_id,
                 "envelope": self.envelope_id,
@@ -236,10 +223,10 @@ class Manifest:
         """Decode manifest bytes; call only on bytes whose signature was verified.
 
         Raises:
-            DecodeError, LimitError, VersionError: not a valid v1 manifest.
+            DecodeError, LimitError, VersionError: not a valid v2 manifest.
         """
         r = codec.MapReader(codec.decode(data, limits=_MANIFEST_LIMITS), "manifest")
-        codec.expect_version(r, (1,))
+        codec.expect_version(r, (VERSION,))
         recipients = r.list_("recipients", max_items=MAX_RECIPIENTS)
         if not all(isinstance(x, bytes) for x in recipients):
             raise DecodeError("manifest recipients must be byte strings")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,9 +36,12 @@ from protocol.errors import (
     VersionError,
 )
 from tools import vectors_pli
+from tools.case_samples import answer_body, request_body
 
 VECTORS = Path(__file__).resolve().parents[1] / "protocol" / "vectors" / "bundle.json"
 DATA = json.loads(VECTORS.read_text(encoding="utf-8"))
+KEYS_JSON = {d["name"]: d for d in json.loads((VECTORS.parent / "keys.json").read_text(encoding="utf-8"))["devices"]}
+PEOPLE = {d.name: d for d in vectors_pli.DEVICES}
 
 ALICE = vectors_pli.ALICE.keys
 BOB = vectors_pli.BOB.keys
@@ -47,7 +51,7 @@ NOW = 1_767_261_600
 ENVELOPE_A = bytes.fromhex("aa" * 16)
 ENVELOPE_B = bytes.fromhex("bb" * 16)
 CASE_ID = bytes.fromhex("cc" * 16)
-BODY = {"subject": "Avis", "patient": "Patient test", "text": "Votre avis ?"}
+BODY = request_body()
 FILES: tuple[tuple[str, str, bytes], ...] = (
     ("note.txt", "text/plain", b"hello, colleague\n"),
     ("empty.bin", "application/octet-stream", b""),
@@ -238,12 +242,24 @@ def test_two_recipients_both_open() -> None:
         assert files["note.txt"] == FILES[0][2]
 
 
-def test_reply_round_trip_without_files() -> None:
-    m = _manifest(kind="reply", files=(), body={"in_reply_to": ENVELOPE_B, "text": "Bénin."})
+@pytest.mark.parametrize("kind", ["complement_request", "complement", "avis", "refus", "presentiel"])
+def test_answer_round_trip_without_files(kind: str) -> None:
+    body = answer_body(kind, ENVELOPE_B, text="Bénin.")
+    m = _manifest(kind=kind, files=(), body=body)
     sent = _send(m, contents=())
     reader, files = _open(sent.ciphertext, header=sent.header)
     assert files == {}
-    assert reader.manifest.body == {"in_reply_to": ENVELOPE_B, "text": "Bénin."}
+    assert reader.manifest.kind == kind
+    assert reader.manifest.body == body
+    assert reader.manifest.body["in_reply_to"] == ENVELOPE_B
+
+
+def test_request_naming_its_dossier_round_trip() -> None:
+    m = _manifest(body=request_body(dossier="scan.pdf"))
+    sent = _send(m)
+    reader, files = _open(sent.ciphertext, header=sent.header)
+    assert reader.manifest.body["dossier"] == "scan.pdf"
+    assert files["scan.pdf"] == FILES[2][2]
 
 
 @pytest.mark.parametrize("chunk", [1, 511, 512, 65536, 1 << 20])
@@ -354,6 +370,63 @@ def test_vector_we_open_the_envelope() -> None:
         assert reader.manifest.body == DATA["body"]
     with pytest.raises(NoIdentityError):
         age.DecryptReader(io.BytesIO(body), [CAROL.identity])
+
+
+def test_vector_answers_cover_every_other_kind() -> None:
+    assert sorted(a["kind"] for a in DATA["answers"]) == sorted(set(bundle.KINDS) - {"request"})
+    # Rule 1 of protocol/case.py: the requérant (alice) sends complements, the requis (bob) the rest.
+    assert {a["kind"]: a["sender"] for a in DATA["answers"]} == {
+        "complement_request": "bob", "complement": "alice", "avis": "bob", "refus": "bob", "presentiel": "bob",
+    }
+
+
+def _answer_sender(answer: dict[str, Any]) -> tuple[Sender, nacl.signing.VerifyKey]:
+    """The answer's sender as keys.json (keys) and tools/vectors_pli.py (practitioner) give it."""
+    device = KEYS_JSON[answer["sender"]]
+    person = PEOPLE[answer["sender"]]
+    sign_key = bytes.fromhex(device["sign_key_hex"])
+    sender = Sender(sign_key, bytes.fromhex(device["enc_key_hex"]), person.rpps, person.practitioner)
+    return sender, nacl.signing.VerifyKey(sign_key)
+
+
+@pytest.mark.parametrize("answer", DATA["answers"], ids=lambda a: a["kind"])
+def test_vector_answer_we_reproduce_the_bytes(answer: dict[str, Any]) -> None:
+    sender, verify_key = _answer_sender(answer)
+    raw = bytes.fromhex(answer["manifest_hex"])
+    around = codec.decode(raw)  # this vector's envelope id and time, not part of what is tested here
+    peer = KEYS_JSON["bob" if answer["sender"] == "alice" else "alice"]
+    m = Manifest(
+        kind=answer["kind"],
+        case_id=bytes.fromhex(DATA["case_hex"]),
+        envelope_id=around["envelope"],
+        created=around["created"],
+        sender=sender,
+        recipients=(bytes.fromhex(peer["device_id_hex"]),),
+        files=(),
+        body=vectors_pli.from_json(answer["body"]),
+    )
+    assert m.to_bytes().hex() == answer["manifest_hex"]
+    sig = bytes.fromhex(answer["manifest_sig_hex"])
+    keys.verify(verify_key, keys.CTX_BUNDLE, raw, sig)
+    assert sign_manifest(m, PEOPLE[answer["sender"]].keys.signing_key) == (raw, sig)
+    # The signature covers the body: one byte changed in it and it no longer verifies.
+    tampered = bytearray(raw)
+    tampered[raw.index(b"in_reply_to") + len("in_reply_to") + 2] ^= 1
+    with pytest.raises(SignatureError):
+        keys.verify(verify_key, keys.CTX_BUNDLE, bytes(tampered), sig)
+
+
+@pytest.mark.parametrize("answer", DATA["answers"], ids=lambda a: a["kind"])
+def test_vector_answer_we_decode(answer: dict[str, Any]) -> None:
+    sender, _ = _answer_sender(answer)
+    m = Manifest.from_bytes(bytes.fromhex(answer["manifest_hex"]))
+    assert m.kind == answer["kind"]
+    assert m.body == vectors_pli.from_json(answer["body"])
+    assert vectors_pli.to_json(m.body) == answer["body"]
+    assert m.sender == sender
+    assert m.case_id.hex() == DATA["case_hex"]
+    assert m.body["in_reply_to"].hex() == DATA["envelope_hex"]  # each answers the request vector
+    assert m.files == ()
 
 
 def test_vector_container_layout() -> None:
@@ -794,28 +867,42 @@ def test_duplicate_names_in_a_signed_manifest() -> None:
         _open_plaintext(_tar(members + _file_members()))
 
 
+def _without(body: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != key}
+
+
 @pytest.mark.parametrize(
-    ("change", "error"),
+    ("change", "error", "match"),
     [
-        ({"v": 2}, VersionError),
-        ({"extra": 1}, DecodeError),
-        ({"kind": "forward"}, DecodeError),
-        ({"case": bytes(15)}, DecodeError),
-        ({"recipients": []}, DecodeError),
-        ({"recipients": ["x" * 16]}, DecodeError),
-        ({"body": {"subject": "s", "patient": "p"}}, DecodeError),
-        ({"body": {"subject": "s", "patient": "p", "text": "t", "x": "y"}}, DecodeError),
-        ({"body": {"subject": "s", "patient": "p", "text": b"t"}}, DecodeError),
-        ({"body": []}, DecodeError),
-        ({"created": -5}, DecodeError),
+        ({"v": 1}, VersionError, None),  # v1 (kinds request/reply, free-text bodies) was never released
+        ({"v": 3}, VersionError, None),
+        ({"extra": 1}, DecodeError, None),
+        ({"kind": "forward"}, DecodeError, "unknown bundle kind"),
+        ({"kind": "reply", "body": {"in_reply_to": ENVELOPE_B, "text": "t"}}, DecodeError, "unknown bundle kind"),
+        ({"kind": "avis"}, DecodeError, "in_reply_to"),  # a request's body under an answer's kind
+        ({"case": bytes(15)}, DecodeError, None),
+        ({"recipients": []}, DecodeError, None),
+        ({"recipients": ["x" * 16]}, DecodeError, None),
+        ({"body": _without(BODY, "question")}, DecodeError, "'question' is missing"),
+        ({"body": {**BODY, "x": "y"}}, DecodeError, "unknown field 'x'"),
+        ({"body": {**BODY, "patient": {**BODY["patient"], "x": "y"}}}, DecodeError, r"patient: unknown field 'x'"),
+        ({"body": {**BODY, "question": b"t"}}, DecodeError, "'question' must be text"),
+        ({"body": {**BODY, "consent": {**BODY["consent"], "consented": False}}}, DecodeError, "consented"),
+        ({"body": {**BODY, "dossier": "absent.pdf"}}, DecodeError, "dossier must name a file"),
+        ({"body": []}, DecodeError, "must be a map"),
+        ({"sender": {**_sender(ALICE).to_obj(), "rpps": "10000005478"}}, DecodeError, "check digit"),
+        ({"created": -5}, DecodeError, None),
     ],
 )
-def test_signed_but_invalid_manifest(change: dict[str, Any], error: type[Exception]) -> None:
+def test_signed_but_invalid_manifest(change: dict[str, Any], error: type[Exception], match: str | None) -> None:
+    """A hostile sender signs whatever it likes: the reader refuses a manifest that breaks §6.1 or §6.3."""
     obj = {**codec.decode(_manifest().to_bytes()), **change}
     raw = codec.encode(obj)
     members = [("pli/manifest", raw), ("pli/manifest.sig", keys.sign(ALICE.signing_key, keys.CTX_BUNDLE, raw))]
-    with pytest.raises(error):
+    with pytest.raises(error, match=match) as info:
         _open_plaintext(_tar(members + _file_members()))
+    if error is DecodeError:
+        assert not isinstance(info.value, LimitError | VersionError)
 
 
 def test_manifest_signed_under_envelope_context() -> None:
@@ -831,28 +918,64 @@ def test_manifest_signed_under_envelope_context() -> None:
 def test_manifest_round_trip() -> None:
     m = _manifest(recipients=(BOB, CAROL))
     assert Manifest.from_bytes(m.to_bytes()) == m
-    r = _manifest(kind="reply", files=(), body={"in_reply_to": ENVELOPE_A, "text": ""})
-    assert Manifest.from_bytes(r.to_bytes()) == r
+    for kind in sorted(set(bundle.KINDS) - {"request"}):
+        r = _manifest(kind=kind, files=(), body=answer_body(kind, ENVELOPE_A))
+        assert Manifest.from_bytes(r.to_bytes()) == r
+    c = _manifest(kind="complement", body=answer_body("complement", ENVELOPE_B, text=""))  # files, no text
+    assert Manifest.from_bytes(c.to_bytes()) == c
+
+
+_AVIS = answer_body("avis", ENVELOPE_B)
 
 
 @pytest.mark.parametrize(
-    ("change", "error"),
+    ("change", "error", "match"),
     [
-        ({"kind": "other"}, DecodeError),
-        ({"case_id": bytes(8)}, DecodeError),
-        ({"envelope_id": bytes(17)}, DecodeError),
-        ({"recipients": ()}, DecodeError),
-        ({"recipients": (bytes(16), bytes(16))}, DecodeError),
-        ({"recipients": (bytes(32),)}, DecodeError),
-        ({"body": {"subject": "s", "patient": "p"}}, DecodeError),
-        ({"body": {**BODY, "text": "x" * (256 * 1024 + 1)}}, LimitError),
-        ({"kind": "reply", "body": {"in_reply_to": bytes(15), "text": "t"}}, DecodeError),
-        ({"files": tuple(FileEntry(f"f{i}", "text/plain", 0, bytes(32)) for i in range(257))}, LimitError),
+        ({"kind": "other"}, DecodeError, "unknown bundle kind"),
+        ({"kind": "reply", "body": {"in_reply_to": ENVELOPE_B, "text": "t"}}, DecodeError, "unknown bundle kind"),
+        ({"case_id": bytes(8)}, DecodeError, None),
+        ({"envelope_id": bytes(17)}, DecodeError, None),
+        ({"recipients": ()}, DecodeError, None),
+        ({"recipients": (bytes(16), bytes(16))}, DecodeError, None),
+        ({"recipients": (bytes(32),)}, DecodeError, None),
+        ({"files": tuple(FileEntry(f"f{i}", "text/plain", 0, bytes(32)) for i in range(257))}, LimitError, None),
+        # the request body (SPEC.md §6.3): unknown field, missing field, wrong type, limits
+        ({"body": {**BODY, "subject": "Avis"}}, DecodeError, "request body: unknown field 'subject'"),
+        ({"body": {**BODY, "requis": {**BODY["requis"], "x": 1}}}, DecodeError, r"request body\.requis: unknown"),
+        ({"body": _without(BODY, "patient")}, DecodeError, "'patient' is missing"),
+        ({"body": _without(BODY, "author")}, DecodeError, "'author' is missing"),
+        ({"body": _without(BODY, "consent")}, DecodeError, "'consent' is missing"),
+        ({"body": {**BODY, "patient": "Mme Test"}}, DecodeError, "'patient' must be a map"),
+        ({"body": {**BODY, "urgency": 1}}, DecodeError, "'urgency' must be text"),
+        ({"body": {**BODY, "urgency": "asap"}}, DecodeError, "'urgency' must be one of"),
+        ({"body": {**BODY, "question": "x" * (256 * 1024 + 1)}}, LimitError, "'question' is over"),
+        ({"body": {**BODY, "motif": "x" * 513}}, LimitError, "'motif' is over 512"),
+        ({"body": {**BODY, "question": "  "}}, DecodeError, "'question' must not be empty"),
+        ({"body": {**BODY, "dossier": "note.txt"}}, DecodeError, "application/pdf"),
+        ({"body": {**BODY, "dossier": "absent.pdf"}}, DecodeError, "dossier must name a file"),
+        ({"body": []}, DecodeError, "must be a map"),
+        # an answer body
+        ({"kind": "avis", "body": {**_AVIS, "in_reply_to": bytes(15)}}, DecodeError, "16-byte envelope id"),
+        ({"kind": "avis", "body": {**_AVIS, "in_reply_to": bytes(17)}}, DecodeError, "16-byte envelope id"),
+        ({"kind": "avis", "body": {**_AVIS, "in_reply_to": "aa" * 8}}, DecodeError, "16-byte envelope id"),
+        ({"kind": "avis", "body": answer_body("avis")}, DecodeError, "16-byte envelope id"),
+        ({"kind": "avis", "body": {**_AVIS, "text": "t"}}, DecodeError, "avis body: unknown field 'text'"),
+        ({"kind": "avis", "body": _without(_AVIS, "prescriptions")}, DecodeError, "'prescriptions' must be a list"),
+        ({"kind": "avis", "body": {**_AVIS, "avis": "x" * (256 * 1024 + 1)}}, LimitError, "'avis' is over"),
+        ({"kind": "refus", "body": answer_body("avis", ENVELOPE_B)}, DecodeError, "'reason' is missing"),
     ],
 )
-def test_manifest_invariants(change: dict[str, Any], error: type[Exception]) -> None:
-    with pytest.raises(error):
+def test_manifest_invariants(change: dict[str, Any], error: type[Exception], match: str | None) -> None:
+    with pytest.raises(error, match=match) as info:
         _manifest(**change)
+    if error is DecodeError:
+        assert not isinstance(info.value, LimitError)
+
+
+@pytest.mark.parametrize("rpps", ["10000005478", "1000000547", "20000005479", "Dr Test"])
+def test_manifest_sender_rpps_must_be_valid(rpps: str) -> None:
+    with pytest.raises(DecodeError, match="RPPS"):
+        replace(_manifest(), sender=_sender(ALICE, rpps=rpps))
 
 
 @pytest.mark.parametrize(

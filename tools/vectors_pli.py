@@ -30,6 +30,7 @@ import nacl.secret
 import nacl.signing
 
 from protocol import age, bundle, codec, envelope, keys
+from tools.case_samples import answer_body, request_body
 
 VECTORS_DIR = Path(__file__).resolve().parent.parent / "protocol" / "vectors"
 
@@ -426,15 +427,12 @@ BUNDLE_ENVELOPE_ID = bytes.fromhex("5e1f0a2b3c4d5e6f708192a3b4c5d6e7")
 BUNDLE_CASE_ID = bytes.fromhex("c0ffee00c0ffee01c0ffee02c0ffee03")
 BUNDLE_CREATED = 1767261600
 BUNDLE_FILES: tuple[tuple[str, str, bytes], ...] = (
+    ("demande-teleexpertise.pdf", "application/pdf", b"%PDF-1.4\n% the pre-filled dossier (stand-in)\n%%EOF\n"),
     ("observation.txt", "text/plain", "Lésion pigmentée du dos, 7 mm, bords irréguliers.\n".encode()),
     ("vide.bin", "application/octet-stream", b""),
     ("photo épaule.jpg", "image/jpeg", bytes((i * 7 + 3) % 256 for i in range(700))),
 )
-BUNDLE_BODY = {
-    "subject": "Avis dermatologique",
-    "patient": "Patient test, né en 1970",
-    "text": "Pouvez-vous donner votre avis sur cette lésion ?",
-}
+BUNDLE_BODY = request_body(dossier="demande-teleexpertise.pdf")
 # age: stanzas for the recipient (bob) then the sender (alice), so the sender can reread
 BUNDLE_AGE_FILE_KEY = bytes.fromhex("b0b1b2b3b4b5b6b7b8b9babbbcbdbebf")
 BUNDLE_AGE_EPHEMERAL = (bytes(range(0x40, 0x60)), bytes(range(0x60, 0x80)))
@@ -546,7 +544,36 @@ def bundle_vectors() -> dict[str, Any]:
         "envelope_expires": BUNDLE_EXPIRES,
         "envelope_prefix_hex": signed.prefix.hex(),
         "envelope_hash_hex": signed.envelope_hash.hex(),
+        "answers": answer_manifests(),
     }
+
+
+ANSWER_KINDS = ("complement_request", "complement", "avis", "refus", "presentiel")
+
+
+def answer_manifests() -> list[dict[str, Any]]:
+    """One manifest of every other kind (SPEC.md §6.3), each answering the request above.
+
+    The requis kinds are signed by bob, ``complement`` by alice; no files.
+    """
+    out = []
+    for i, kind in enumerate(ANSWER_KINDS):
+        author = ALICE if kind == "complement" else BOB
+        peer = BOB if kind == "complement" else ALICE
+        body = answer_body(kind, BUNDLE_ENVELOPE_ID, text="Photo dermoscopique, s'il vous plaît.")
+        if kind == "avis":
+            body.update(avis="Naevus atypique ; exérèse conseillée.", prescriptions=["Exérèse avec marges de 2 mm"])
+        pub = author.keys.public()
+        m = bundle.Manifest(
+            kind=kind, case_id=BUNDLE_CASE_ID, envelope_id=bytes([0xA0 + i]) * 16,
+            created=BUNDLE_CREATED + 60 * (i + 1),
+            sender=bundle.Sender(pub.sign_key, pub.enc_key, author.rpps, author.practitioner),
+            recipients=(peer.keys.device_id,), files=(), body=body,
+        )
+        raw, sig = bundle.sign_manifest(m, author.keys.signing_key)
+        out.append({"kind": kind, "sender": author.name, "body": to_json(body), "manifest_hex": raw.hex(),
+                    "manifest_sig_hex": sig.hex()})
+    return out
 
 
 # --- files ------------------------------------------------------------------------------
