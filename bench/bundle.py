@@ -39,6 +39,7 @@ from protocol import age
 from protocol.bundle import Manifest, Sender, sign_manifest
 from protocol.envelope import EnvelopeHeader, SignedHeader, seal_header, split_prefix
 from protocol.keys import DeviceKeys
+from tools.case_samples import request_body
 
 SENDER = DeviceKeys(sign_seed=b"\x11" * 32, enc_secret=b"\x22" * 32, created=1_767_225_600)
 RECIPIENT = DeviceKeys(sign_seed=b"\x33" * 32, enc_secret=b"\x44" * 32, created=1_767_225_600)
@@ -109,7 +110,7 @@ def worker_encrypt(work: Path) -> dict[str, float]:
         kind="request", case_id=CASE_ID, envelope_id=ENVELOPE_ID, created=int(time.time()),
         sender=Sender(sign_key=pub.sign_key, enc_key=pub.enc_key, rpps="10000005479", name="Dr Bench"),
         recipients=(RECIPIENT.device_id,), files=tuple(entries),
-        body={"subject": "bench", "patient": "-", "text": "1 GiB of imaging"},
+        body=request_body(motif="bench", question="1 GiB of imaging"),
     )
     raw, sig = sign_manifest(manifest, SENDER.signing_key)
     recipients = [RECIPIENT.public().recipient, pub.recipient]

@@ -101,14 +101,18 @@ def cli(ctx: click.Context, home: Path | None, as_json: bool) -> None:
 
     \b
     First time on this computer:
-      pli init                              create this device's keys
+      pli init                               create this device's keys
       pli enroll https://relay.example CODE  join the relay with your invitation code
-    Then:
-      pli send --to 10000005479 --subject "Lésion du dos" --patient "Mme D., 63 ans" \\
-               --text "Mélanome ?" photo.jpg dossier.pdf
-      pli inbox                             what is waiting for you
-      pli open 3f2a                         verify, decrypt and file it (first characters of the id)
-      pli reply 3f2a --text "Avis : ..."    answer in the same case
+    A GP asking for an opinion:
+      pli case new --from cas.yaml photo.jpg create, check and send a request (or answer prompts)
+      pli cases                              your cases, with their status and 7-day deadline
+      pli case show 3f2a                     a case in full (first characters of its id)
+      pli case complement 3f2a --text "..." photo2.jpg   when the specialist asks for more
+      pli case report 3f2a                   the compte rendu (PDF) for the patient's record
+      pli billing --month 2026-11            your RQD / TE2 lines for the month
+    A specialist answering:
+      pli cases ; pli case show 3f2a
+      pli case answer 3f2a --avis "..." --prescription "..."   (or --complement, --refus, --presentiel)
     Try everything at once, with a relay of its own:
       pli demo
     """
@@ -172,104 +176,6 @@ def whoami(c: Ctx) -> None:
     emit(c.json, {**asdict(p), "fingerprint": fp},
          f"{p.name or '-'}  RPPS {p.rpps or '-'}\n{tr('Relais', 'Relay')}: {p.relay or '-'}\n"
          f"{tr('Appareil', 'Device')}: {keys.device_id.hex()}\n{tr('Empreinte', 'Fingerprint')}: {fp}")
-
-
-@cli.command()
-@click.option("--to", "to", multiple=True, required=True, help="RPPS number of the practitioner (repeatable).")
-@click.option("--subject", required=True, help="Short title of the case.")
-@click.option("--patient", required=True, help="Who the case is about (encrypted; the relay never sees it).")
-@_text_option
-@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@pass_ctx
-def send(c: Ctx, to: tuple[str, ...], subject: str, patient: str, text: str | None,
-         text_file: Path | None, files: tuple[Path, ...]) -> None:
-    """Send a new case with its FILES (photos, PDF) to one or more practitioners."""
-    rpps = [check_rpps(t) for t in to]
-    body = {"subject": subject, "patient": patient, "text": _read_text(text, text_file)}
-    keys = c.keys()
-    sent = run(core.send(c.home, keys, to=rpps, kind="request", body=body, files=list(files),
-                         progress=c.progress(tr("Envoi", "Upload"))))
-    _print_sent(c, sent)
-
-
-def _print_sent(c: Ctx, sent: core.SentEnvelope) -> None:
-    names = ", ".join(f"{p['name']} (RPPS {p['rpps']})" for p in sent.to)
-    lines = [tr(f"Envoyé à {names}.", f"Sent to {names}."),
-             tr(f"  pli {sent.envelope_id}, dossier {sent.case_id}, {sent.size:,} octets chiffrés,"
-                f" reçu par le relais le {_when(sent.received_at)}",
-                f"  envelope {sent.envelope_id}, case {sent.case_id}, {sent.size:,} encrypted bytes,"
-                f" received by the relay at {_when(sent.received_at)}")]
-    for rpps in sent.first_contacts:
-        lines.append(tr(f"  Premier échange avec RPPS {rpps} : ses clés sont désormais épinglées. "
-                        "Comparez son empreinte de vive voix (pli trust --show).",
-                        f"  First exchange with RPPS {rpps}: their keys are now pinned. "
-                        "Compare their fingerprint aloud (pli trust --show)."))
-    emit(c.json, asdict(sent), "\n".join(lines))
-
-
-@cli.command()
-@pass_ctx
-def inbox(c: Ctx) -> None:
-    """List the envelopes waiting for this device on the relay."""
-    keys = c.keys()
-    entries = run(core.inbox(c.home, keys))
-    if c.json:
-        emit(True, entries, "")
-        return
-    if not entries:
-        emit(False, {}, tr("Rien de nouveau.", "Nothing new."))
-        return
-    lines = [tr(f"{len(entries)} pli(s) en attente :", f"{len(entries)} envelope(s) waiting:")]
-    for e in entries:
-        lines.append(f"  {e['id'][:12]}  RPPS {e['from_rpps']}  {e['size']:>10,} B  {_when(e['received_at'])}")
-    lines.append(tr("Ouvrir : pli open ID", "Open one: pli open ID"))
-    emit(False, {}, "\n".join(lines))
-
-
-@cli.command(name="open")
-@click.argument("envelope_id")
-@click.option("--no-ack", is_flag=True, help="Leave it in the inbox (do not acknowledge receipt).")
-@pass_ctx
-def open_(c: Ctx, envelope_id: str, no_ack: bool) -> None:
-    """Download, verify and decrypt an envelope into this device's case folder.
-
-    Files are written only once the sender's signature, every file's hash and the
-    whole encrypted stream have been checked.
-    """
-    keys = c.keys()
-    o = run(core.open_envelope(c.home, keys, envelope_id, acknowledge=not no_ack,
-                               progress=c.progress(tr("Réception", "Download"))))
-    kind = {"request": tr("Demande", "Request"), "reply": tr("Réponse", "Answer")}.get(o.kind, o.kind)
-    lines = [
-        tr(f"{kind} de {o.sender_name} (RPPS {o.sender_rpps}), signée le {_when(o.created)}, "
-           f"signature vérifiée.", f"{kind} from {o.sender_name} (RPPS {o.sender_rpps}), signed "
-           f"{_when(o.created)}, signature verified."),
-    ]
-    if o.first_contact:
-        lines.append(tr(f"  Premier échange : empreinte de l'expéditeur {o.sender_fingerprint}",
-                        f"  First exchange: sender's fingerprint {o.sender_fingerprint}"))
-    if "subject" in o.body:
-        lines.append(f"  {tr('Objet', 'Subject')}: {o.body['subject']}")
-    if "patient" in o.body:
-        lines.append(f"  {tr('Patient', 'Patient')}: {o.body['patient']}")
-    lines.append("  " + o.body.get("text", "").replace("\n", "\n  "))
-    for f in o.files:
-        lines.append(f"  {tr('Pièce jointe', 'Attachment')}: {f['name']} ({f['type']}, {f['size']:,} B)")
-    lines.append(tr(f"  Enregistré dans {o.folder}", f"  Saved in {o.folder}"))
-    emit(c.json, asdict(o), "\n".join(lines))
-
-
-@cli.command()
-@click.argument("envelope_id")
-@_text_option
-@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@pass_ctx
-def reply(c: Ctx, envelope_id: str, text: str | None, text_file: Path | None, files: tuple[Path, ...]) -> None:
-    """Answer an envelope you opened, in the same case, with optional FILES."""
-    keys = c.keys()
-    sent = run(core.reply(c.home, keys, envelope_id, text=_read_text(text, text_file), files=list(files),
-                          progress=c.progress(tr("Envoi", "Upload"))))
-    _print_sent(c, sent)
 
 
 @cli.command()
@@ -468,6 +374,8 @@ def _fail(code: str, text: str, status: int) -> None:
         click.echo(f"pli: {text}", err=True)
     sys.exit(status)
 
+
+from client import cli_cases  # noqa: E402, F401 - registers `pli case`, `pli cases`, `pli billing`
 
 if __name__ == "__main__":
     main()

@@ -377,9 +377,10 @@ async def send(
     home.record(
         id=envelope_id.hex(), case_id=case.hex(), direction="sent", kind=kind,
         peer_rpps=",".join(p["rpps"] for p in peers), peer_name=", ".join(p["name"] for p in peers),
-        subject=str(body.get("subject", "")), created=now,
+        subject=str(body.get("motif", "")), created=now,
         relay_received_at=state.get("received_at"),
         in_reply_to=body["in_reply_to"].hex() if "in_reply_to" in body else None,
+        body=body_json(body), read_at=now,
     )
     return SentEnvelope(
         envelope_id=envelope_id.hex(), case_id=case.hex(), to=peers, size=size,
@@ -542,8 +543,13 @@ async def open_envelope(
     progress: Progress | None = None,
     relay: RelayClient | None = None,
     acknowledge: bool = True,
+    mark_read: bool = True,
 ) -> OpenedEnvelope:
-    """Download, verify, decrypt and file one envelope, then acknowledge it to the relay."""
+    """Download, verify, decrypt and file one envelope, then acknowledge it to the relay.
+
+    With ``mark_read`` the device signs, in the log, that its practitioner read it; the
+    case commands file envelopes first and sign that only when the case is shown.
+    """
     profile = _session(home)
     async with _relay(home, profile, keys, relay) as r:
         entry = await _find(r, envelope_id)
@@ -588,9 +594,7 @@ async def open_envelope(
             raise
         # Opened and verified: say so, signed, in the log (the read receipt travels back to
         # the sender through it), then acknowledge delivery so the relay may delete it.
-        read_at = _now()
-        read = await r.read(eid, read_at, sign_read(keys.signing_key, signed.envelope_hash, read_at))
-        await logstate.store_receipt(home, r, eid.hex(), read["receipt"])
+        read_at = await _sign_read(home, keys, r, eid, signed.envelope_hash) if mark_read else None
         if acknowledge:
             acked = await r.ack(eid)
             await logstate.store_receipt(home, r, eid.hex(), acked["receipt"])
@@ -609,10 +613,10 @@ async def open_envelope(
     )
     home.record(
         id=eid.hex(), case_id=m.case_id.hex(), direction="received", kind=m.kind,
-        peer_rpps=m.sender.rpps, peer_name=m.sender.name, subject=str(m.body.get("subject", "")),
+        peer_rpps=m.sender.rpps, peer_name=m.sender.name, subject=str(m.body.get("motif", "")),
         created=m.created, relay_received_at=entry.get("received_at"), opened_at=_now(),
         in_reply_to=m.body["in_reply_to"].hex() if "in_reply_to" in m.body else None,
-        folder=str(opened.folder),
+        folder=str(opened.folder), body=body_json(m.body), read_at=read_at,
     )
     atomic_write(opened.folder / "envelope.json", json.dumps(result.__dict__, indent=2, ensure_ascii=False).encode())
     return result
@@ -738,29 +742,65 @@ def _decrypt_bundle(
     return _Opened(reader.manifest, folder)
 
 
+async def _sign_read(home: Home, keys: DeviceKeys, r: RelayClient, eid: bytes, envelope_hash: bytes) -> int:
+    """Sign, in the relay's log, that this device's practitioner read the envelope."""
+    read_at = _now()
+    read = await r.read(eid, read_at, sign_read(keys.signing_key, envelope_hash, read_at))
+    await logstate.store_receipt(home, r, eid.hex(), read["receipt"])
+    home.mark_read(eid.hex(), read_at)
+    return read_at
+
+
+async def mark_read(home: Home, keys: DeviceKeys, envelope_ids: list[str], *, relay: RelayClient | None = None) -> None:
+    """Sign the read statements of envelopes filed earlier and now shown to the practitioner."""
+    if not envelope_ids:
+        return
+    profile = _session(home)
+    async with _relay(home, profile, keys, relay) as r:
+        for eid in envelope_ids:
+            await _sign_read(home, keys, r, bytes.fromhex(eid), _envelope_hash(home, eid))
+
+
+def body_json(body: dict[str, Any]) -> str:
+    """A manifest body as the local store keeps it: JSON, byte strings as hex."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, bytes):
+            return v.hex()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return json.dumps(plain(body), ensure_ascii=False, sort_keys=True)
+
+
 async def reply(
     home: Home,
     keys: DeviceKeys,
     envelope_id: str,
     *,
-    text: str,
+    kind: str,
+    body: dict[str, Any],
     files: list[Path],
     progress: Progress | None = None,
     relay: RelayClient | None = None,
 ) -> SentEnvelope:
-    """Answer a received envelope: same case, to the practitioner who sent it."""
+    """Answer a received envelope: same case, to the practitioner who sent it, then sign
+    (in the log) that this envelope answers it."""
     matches = [h for h in home.history() if h["id"].startswith(envelope_id.lower()) and h["direction"] == "received"]
     if len(matches) != 1:
         raise ClientError(
-            f"no single opened envelope matches {envelope_id!r}: open it first with `pli open`"
+            f"no single received envelope matches {envelope_id!r}"
             if not matches else f"{envelope_id!r} matches several envelopes: type more characters"
         )
     original = matches[0]
     profile = _session(home)
     async with _relay(home, profile, keys, relay) as r:
         sent = await send(
-            home, keys, to=[original["peer_rpps"]], kind="reply",
-            body={"in_reply_to": bytes.fromhex(original["id"]), "text": text},
+            home, keys, to=[original["peer_rpps"]], kind=kind,
+            body={**body, "in_reply_to": bytes.fromhex(original["id"])},
             files=files, case_id=bytes.fromhex(original["case_id"]), progress=progress, relay=r,
         )
         # The answered receipt: this device signs that its envelope answers the original.

@@ -8,20 +8,20 @@ the work folder, driven through the same library calls as the ``pli`` commands.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
-from client import audit, core
+from client import audit, billing, cases, core
 from client.api import RelayClient
+from client.caseform import prepare_request
 from client.home import Home
 from client.ui import tr
 from protocol.errors import PliError
@@ -33,11 +33,25 @@ GP = {"key": "gp", "rpps": "10000005479", "name": "Dr Claire Martin", "professio
       "specialty": "SM54 médecine générale"}
 DERM = {"key": "dermatologue", "rpps": "10000012343", "name": "Dr Karim Benali", "profession": "médecin",
         "specialty": "SM15 dermatologie"}
-PATIENT = "Mme Jeanne Dupont, née le 12/03/1961"
-QUESTION = ("Lésion pigmentée du dos apparue il y a 4 mois, asymétrique, 9 mm, bords irréguliers. "
-            "Mélanome à exclure ? Merci de votre avis.")
-ANSWER = ("Avis : aspect évocateur de mélanome nodulaire. Exérèse rapide recommandée ; "
-          "je reçois la patiente lundi en consultation.")
+# A realistic case, after the dermatology examples of the seeds (DOMAIN.md, "A case").
+CASE: dict[str, Any] = {
+    "requis": {"rpps": DERM["rpps"], "name": DERM["name"], "specialty": "SM15 dermatologie"},
+    "patient": {"family_name": "Dupont", "given_names": "Jeanne", "birth_date": "1961-03-12", "sex": "F",
+                "ins": "261037511200508"},
+    "motif": "Lésion pigmentée du dos d'évolution récente",
+    "question": ("Lésion pigmentée du dos apparue il y a 4 mois, asymétrique, 9 mm, bords irréguliers, "
+                 "deux couleurs. Mélanome à exclure ? Merci de votre avis."),
+    "context": "Phototype II, coups de soleil dans l'enfance. Pas d'antécédent personnel ni familial de mélanome.",
+    "urgency": "routine",
+    "consent": {"informed": True, "consented": True, "method": "oral"},
+}
+PATIENT = "DUPONT Jeanne"
+QUESTION = CASE["question"]
+MISSING = "Merci d'envoyer une photo dermoscopique de la lésion, avec une règle pour l'échelle."
+COMPLEMENT = "Photo dermoscopique jointe ; la lésion mesure 9 x 7 mm."
+ANSWER = ("Aspect évocateur de mélanome nodulaire : réseau atypique, voile bleu-blanc. "
+          "Exérèse rapide recommandée ; je reçois la patiente lundi en consultation.")
+PRESCRIPTIONS = ["Exérèse complète de la lésion avec marge de 2 mm, examen anatomopathologique"]
 DEMO_PASSPHRASE = b"demo passphrase, not for real use"
 
 
@@ -45,29 +59,24 @@ class DemoError(PliError):
     code = "demo"
 
 
-def make_photo(path: Path) -> None:
-    """A real PNG (a skin-toned field with a dark irregular spot), written without imaging libraries."""
-    w = h = 160
-    rows = bytearray()
-    for y in range(h):
-        rows.append(0)
-        for x in range(w):
-            dx, dy = x - 80, y - 84
-            r2 = dx * dx + dy * dy * 1.3 + 9 * ((x * 7 + y * 3) % 5)
-            if r2 < 900:
-                px = (70, 45, 35)
-            elif r2 < 1300:
-                px = (120, 80, 60)
-            else:
-                px = (224 - y // 8, 182 - y // 10, 160 - x // 12)
-            rows += bytes(px)
+def make_photo(path: Path, *, seed: int = 0) -> None:
+    """A JPEG as a phone takes it: a skin-toned field with a dark irregular spot, and EXIF
+    metadata with the place it was taken (which Pli strips before anything leaves)."""
+    from PIL import Image, ImageDraw, ImageFilter  # noqa: PLC0415 - only the demo draws
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(bytes(rows), 9)) + chunk(b"IEND", b"")
-    path.write_bytes(png)
+    img = Image.new("RGB", (1600, 1200), (222, 180, 158))
+    draw = ImageDraw.Draw(img)
+    for i in range(0, 1600, 40):  # skin texture, so the photo is not "blurred"
+        draw.line([(i, 0), (i + 300, 1200)], fill=(210 - (i + seed) % 30, 170, 150), width=3)
+    draw.ellipse((640, 440, 960, 760), fill=(95, 60, 45))
+    draw.ellipse((700 + seed, 500, 880, 700), fill=(60, 35, 30))
+    img = img.filter(ImageFilter.SMOOTH)
+    exif = Image.Exif()
+    exif[0x010F] = "DemoPhone"  # Make
+    exif[0x0110] = "Pli demo camera"  # Model
+    gps = exif.get_ifd(0x8825)
+    gps.update({1: "N", 2: (48.0, 6.0, 42.0), 3: "W", 4: (1.0, 40.0, 30.0)})  # Rennes
+    img.save(path, "JPEG", quality=88, exif=exif)
 
 
 def make_pdf(path: Path, lines: list[str]) -> None:
@@ -204,9 +213,9 @@ def run_demo(
         result = asyncio.run(_exchange(root, url, code_list, say, scan))
         scan()
         if scans:
-            say(tr(f"9. Le relais n'a jamais détenu de contenu en clair : {sum(scans)} fichiers examinés, "
-                   "pendant et après l'échange (nom de la patiente, question, réponse, photo, PDF).",
-                   f"9. The relay never held plaintext: {sum(scans)} files scanned during and after "
+            say(tr(f"11. Le relais n'a jamais détenu de contenu en clair : {sum(scans)} fichiers examinés, "
+                   "pendant et après l'échange (nom de la patiente, INS, question, réponse, photos, PDF).",
+                   f"11. The relay never held plaintext: {sum(scans)} files scanned during and after "
                    "the exchange (patient name, question, answer, photo and PDF bytes)."))
             result["relay_files_scanned"] = sum(scans)
         result["seconds"] = round(time.monotonic() - started, 2)
@@ -220,17 +229,23 @@ def run_demo(
 
 
 def _markers(root: Path) -> dict[str, bytes]:
-    files = root / "gp" / "to-send"
-    return {
-        "patient name": PATIENT.encode(),
+    """What must never be found on the relay: the case's words and the bytes of what was sent."""
+    sent = root / "gp" / "cases"
+    markers = {
+        "patient name": b"DUPONT",
+        "patient INS": str(CASE["patient"]["ins"]).encode(),
         "question": QUESTION[:60].encode(),
+        "complement": COMPLEMENT[:40].encode(),
         "answer": ANSWER[:60].encode(),
-        "photo bytes": (files / "lesion-dos.png").read_bytes()[-512:],
-        "pdf bytes": (files / "dossier.pdf").read_bytes()[:300],
     }
+    for name in ("lesion-dos.jpg", "dermoscopie.jpg", "demande-teleexpertise.pdf", "compte-rendu-biologie.pdf"):
+        for path in sent.glob(f"*/*/{name}"):
+            data = path.read_bytes()
+            markers[f"{name} bytes"] = data[len(data) // 2 : len(data) // 2 + 256]
+    return markers
 
 
-async def _exchange(root: Path, url: str, codes: list[str], say: Any, scan: Any) -> dict[str, Any]:
+async def _exchange(root: Path, url: str, codes: list[str], say: Any, scan: Any) -> dict[str, Any]:  # noqa: PLR0915
     homes: dict[str, tuple[Home, DeviceKeys]] = {}
     for who, code in zip((GP, DERM), codes, strict=True):
         home = Home(root / who["key"])
@@ -246,64 +261,107 @@ async def _exchange(root: Path, url: str, codes: list[str], say: Any, scan: Any)
                f"2. {who['name']} ({who['specialty']}) enrolled, fingerprint {keys.public().fingerprint}"))
     gp_home, gp_keys = homes["gp"]
     derm_home, derm_keys = homes["dermatologue"]
+    now = int(time.time())
+    today = dt.datetime.fromtimestamp(now, cases.PARIS).date()
 
+    # 3. The GP prepares the request: checked identifiers, consent, cleaned photo, dossier PDF.
     files = gp_home.root / "to-send"
     files.mkdir(exist_ok=True)
-    make_photo(files / "lesion-dos.png")
-    make_pdf(files / "dossier.pdf", [
-        "Dossier de téléexpertise",
-        f"Patient : {PATIENT}",
-        f"Requérant : {GP['name']}, RPPS {GP['rpps']}",
-        f"Requis : {DERM['name']}, RPPS {DERM['rpps']}",
-        "Consentement : patiente informée, consentement oral recueilli.",
-        "Question : " + QUESTION[:70], QUESTION[70:],
-    ])
-    sent = await core.send(
-        gp_home, gp_keys, to=[DERM["rpps"]], kind="request",
-        body={"subject": "Lésion pigmentée du dos", "patient": PATIENT, "text": QUESTION},
-        files=[files / "lesion-dos.png", files / "dossier.pdf"],
-    )
-    say(tr(f"3. Le Dr Martin envoie le dossier (photo + PDF) : pli {sent.envelope_id[:12]}, "
-           f"{sent.size:,} octets chiffrés", f"3. Dr Martin sends the case (photo + PDF): envelope "
-           f"{sent.envelope_id[:12]}, {sent.size:,} encrypted bytes"))
-
+    make_photo(files / "lesion-dos.jpg")
+    make_pdf(files / "compte-rendu-biologie.pdf", ["Compte rendu de biologie", "NFS normale, CRP < 5 mg/L"])
+    data = {**CASE, "consent": {**CASE["consent"], "date": today.isoformat()}}
+    prepared = prepare_request(gp_home, gp_home.profile(), data,
+                               [files / "lesion-dos.jpg", files / "compte-rendu-biologie.pdf"],
+                               today=today, case_id=os.urandom(16), now=now)
+    sent = await cases.send_request(gp_home, gp_keys, prepared)
+    case_id = sent.case_id
+    say(tr(f"3. Le Dr Martin prépare et envoie la demande : patiente, consentement oral, photo nettoyée "
+           f"(EXIF et GPS retirés), dossier PDF pré-rempli ; dossier {case_id[:12]}, "
+           f"{sent.size:,} octets chiffrés",
+           f"3. Dr Martin prepares and sends the request: patient, oral consent, cleaned photo (EXIF and "
+           f"GPS removed), pre-filled dossier PDF; case {case_id[:12]}, {sent.size:,} encrypted bytes"))
     scan()  # the envelope is stored on the relay now: only ciphertext may be there
-    waiting = await core.inbox(derm_home, derm_keys)
-    say(tr(f"4. Le Dr Benali a {len(waiting)} pli en attente", f"4. Dr Benali has {len(waiting)} envelope waiting"))
-    opened = await core.open_envelope(derm_home, derm_keys, sent.envelope_id)
-    say(tr(f"5. Le Dr Benali ouvre le pli : signature du Dr Martin vérifiée, "
-           f"{len(opened.files)} pièces jointes dans {opened.folder}",
-           f"5. Dr Benali opens it: Dr Martin's signature verified, "
-           f"{len(opened.files)} attachments in {opened.folder}"))
-    answer = await core.reply(derm_home, derm_keys, opened.envelope_id, text=ANSWER, files=[])
+
+    # 4-5. The dermatologist sees it, reads it, asks for a dermoscopy photo.
+    synced = await cases.sync(derm_home, derm_keys)
+    view = cases.case_view(derm_home, case_id, now=int(time.time()))
+    say(tr(f"4. Le Dr Benali reçoit {len(synced.new)} dossier « {cases.STATUS_LABELS[view.status][0]} » "
+           f"(signature vérifiée), à rendre avant le {_day(view.deadline)}",
+           f"4. Dr Benali receives {len(synced.new)} case '{cases.STATUS_LABELS[view.status][1]}' "
+           f"(signature verified), due by {_day(view.deadline)}"))
+    await cases.show(derm_home, derm_keys, case_id, now=int(time.time()))
+    await cases.answer(derm_home, derm_keys, case_id, "complement_request", {"missing": MISSING}, [],
+                       now=int(time.time()))
+    say(tr(f"5. Il lit le dossier et demande un complément : « {MISSING} »",
+           f"5. He reads it and asks for more: \u201c{MISSING}\u201d"))
+
+    # 6. The GP answers into the same case.
+    await cases.sync(gp_home, gp_keys)
+    await cases.show(gp_home, gp_keys, case_id, now=int(time.time()))
+    make_photo(files / "dermoscopie.jpg", seed=20)
+    await cases.complement(gp_home, gp_keys, case_id, COMPLEMENT, [files / "dermoscopie.jpg"], now=int(time.time()))
+    say(tr("6. Le Dr Martin envoie le complément (photo dermoscopique) dans le même dossier",
+           "6. Dr Martin sends the complement (dermoscopy photo) into the same case"))
     scan()
-    say(tr(f"6. Le Dr Benali répond : pli {answer.envelope_id[:12]}",
-           f"6. Dr Benali answers: envelope {answer.envelope_id[:12]}"))
-    back = await core.open_envelope(gp_home, gp_keys, answer.envelope_id)
-    if back.case_id != sent.case_id or back.body.get("text") != ANSWER:
-        raise DemoError("the answer does not belong to the case")
-    say(tr(f"7. Le Dr Martin lit la réponse (signature vérifiée) : « {back.body['text']} »",
-           f"7. Dr Martin reads the answer (signature verified): \u201c{back.body['text']}\u201d"))
-    package = root / "audit" / f"dossier-{sent.case_id[:12]}.pliaudit"
+
+    # 7. The avis, with a prescription.
+    await cases.sync(derm_home, derm_keys)
+    await cases.answer(derm_home, derm_keys, case_id, "avis",
+                       {"avis": ANSWER, "recommendations": "Photoprotection ; surveillance cutanée annuelle.",
+                        "prescriptions": PRESCRIPTIONS, "follow_up": "Consultation lundi 9 h."}, [],
+                       now=int(time.time()))
+    say(tr(f"7. Le Dr Benali rend son avis : « {ANSWER[:70]}… »", f"7. Dr Benali gives his avis: "
+           f"\u201c{ANSWER[:70]}…\u201d"))
+
+    # 8. The GP reads it and files the compte rendu.
+    await cases.sync(gp_home, gp_keys)
+    view, _ = await cases.show(gp_home, gp_keys, case_id, now=int(time.time()))
+    if view.status != "answered" or view.envelopes[-1]["body"].get("avis") != ANSWER:
+        raise DemoError("the avis does not belong to the case")
+    report_path = cases.report(gp_home, case_id, now=int(time.time()))
+    say(tr(f"8. Le Dr Martin lit l'avis et produit le compte rendu pour le dossier de la patiente : {report_path}",
+           f"8. Dr Martin reads the avis and files the compte rendu for the patient's record: {report_path}"))
+
+    # 9. Billing, on each side.
+    month = (today.year, today.month)
+    lines = {key: billing.billing_lines(cases.acts(h, now=int(time.time())), month=month)
+             for key, (h, _) in homes.items()}
+    for key, ls in lines.items():
+        doctor = "Dr Martin" if key == "gp" else "Dr Benali"
+        for x in ls:
+            say(tr(f"9. Facturation ({doctor}) : {x.code} {x.amount_cents / 100:.2f} € le {x.date.isoformat()}",
+                   f"9. Billing ({doctor}): {x.code} €{x.amount_cents / 100:.2f} on {x.date.isoformat()}"))
+
+    # 10. The audit package.
+    package = root / "audit" / f"dossier-{case_id[:12]}.pliaudit"
     async with RelayClient(url, gp_keys) as r:
-        exported = await audit.export_package(gp_home, r, gp_keys, sent.case_id, package, with_content=True)
+        exported = await audit.export_package(gp_home, r, gp_keys, case_id, package, with_content=True)
     report = audit.verify_package(package)
     if not report.ok:
         raise DemoError("the audit package does not verify: " + "; ".join(report.failures))
-    say(tr(f"8. Paquet d'audit du dossier exporté ({exported['receipts']} accusés signés) et vérifié hors ligne :",
-           f"8. The case's audit package is exported ({exported['receipts']} signed receipts) and verified offline:"))
+    say(tr(f"10. Paquet d'audit du dossier exporté ({exported['receipts']} accusés signés) et vérifié hors ligne :",
+           f"10. The case's audit package is exported ({exported['receipts']} signed receipts) and verified "
+           "offline:"))
     for e in report.timeline:
         env = f" {e['envelope'][:12]}" if e["envelope"] else ""
         say(f"     {e['when']}  {e['event']:<10} {e['who']}{env} {e['detail']}".rstrip())
     say(tr("   Verdict : vérifié — signatures, preuves d'inclusion et cohérence du journal.",
            "   Verdict: verified — signatures, inclusion proofs and log consistency all check out."))
+    gp_case = gp_home.cases / case_id / sent.envelope_id
     return {
         "relay": url,
-        "case_id": sent.case_id,
+        "case_id": case_id,
         "request": sent.envelope_id,
-        "answer": answer.envelope_id,
-        "answer_text": back.body["text"],
-        "attachments": [f["name"] for f in opened.files],
+        "status": view.status,
+        "answer_text": ANSWER,
+        "attachments": sorted(p.name for p in gp_case.iterdir()),
+        "report": str(report_path),
+        "billing": {key: [{"code": x.code, "amount_cents": x.amount_cents, "date": x.date.isoformat()} for x in ls]
+                    for key, ls in lines.items()},
         "audit_package": str(package),
         "audit": report.to_json(),
     }
+
+
+def _day(ts: int | None) -> str:
+    return dt.datetime.fromtimestamp(ts, cases.PARIS).strftime("%Y-%m-%d") if ts else "-"

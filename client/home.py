@@ -51,6 +51,7 @@ class Profile:
     specialty: str = ""
     log_origin: str = ""
     log_vkey: str = ""
+    adeli: str = ""
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
@@ -82,7 +83,9 @@ CREATE TABLE IF NOT EXISTS envelopes (
     relay_received_at INTEGER,
     opened_at INTEGER,
     in_reply_to TEXT,
-    folder TEXT
+    folder TEXT,
+    body TEXT,          -- the manifest body as JSON (bytes as hex): the case's data
+    read_at INTEGER     -- when this device signed that its practitioner read it
 );
 CREATE INDEX IF NOT EXISTS envelopes_case ON envelopes(case_id, created);
 CREATE TABLE IF NOT EXISTS receipts (
@@ -105,6 +108,18 @@ CREATE TABLE IF NOT EXISTS consistency (
     proof BLOB NOT NULL,
     PRIMARY KEY (first, second)
 );
+CREATE TABLE IF NOT EXISTS incidents (
+    case_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    text_en TEXT NOT NULL,
+    text_fr TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incidents_case ON incidents(case_id, at);
+CREATE TABLE IF NOT EXISTS case_meta (
+    case_id TEXT PRIMARY KEY,
+    closed_at INTEGER,
+    report TEXT
+);
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY,
     rpps TEXT NOT NULL,
@@ -112,6 +127,7 @@ CREATE TABLE IF NOT EXISTS devices (
     record BLOB NOT NULL
 );
 """
+_ADDED_COLUMNS = (("body", "TEXT"), ("read_at", "INTEGER"))
 
 
 class Home:
@@ -232,6 +248,10 @@ class Home:
         db = sqlite3.connect(self.root / "store.sqlite3")
         try:
             db.executescript(_STORE_SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(envelopes)")}
+            for column, decl in _ADDED_COLUMNS:  # stores made before the case model
+                if column not in have:
+                    db.execute(f"ALTER TABLE envelopes ADD COLUMN {column} {decl}")
             db.row_factory = sqlite3.Row
             with db:
                 yield db
@@ -247,6 +267,34 @@ class Home:
                 tuple(row.values()),
             )
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self, case_id: str | None = None) -> list[dict[str, Any]]:
         with self.store() as db:
-            return [dict(r) for r in db.execute("SELECT * FROM envelopes ORDER BY created, id")]
+            if case_id is None:
+                return [dict(r) for r in db.execute("SELECT * FROM envelopes ORDER BY created, id")]
+            return [dict(r) for r in db.execute(
+                "SELECT * FROM envelopes WHERE case_id = ? ORDER BY created, id", (case_id,))]
+
+    def incident(self, case_id: str, at: int, en: str, fr: str) -> None:
+        """Keep a technical incident of a case: the compte rendu must state it (DOMAIN.md)."""
+        with self.store() as db:
+            db.execute("INSERT INTO incidents (case_id, at, text_en, text_fr) VALUES (?, ?, ?, ?)",
+                       (case_id, at, en, fr))
+
+    def incidents(self, case_id: str) -> list[dict[str, Any]]:
+        with self.store() as db:
+            return [dict(r) for r in db.execute(
+                "SELECT at, text_en, text_fr FROM incidents WHERE case_id = ? ORDER BY at", (case_id,))]
+
+    def case_meta(self, case_id: str) -> dict[str, Any]:
+        with self.store() as db:
+            row = db.execute("SELECT closed_at, report FROM case_meta WHERE case_id = ?", (case_id,)).fetchone()
+        return dict(row) if row else {"closed_at": None, "report": None}
+
+    def close_case(self, case_id: str, at: int, report: str) -> None:
+        with self.store() as db:
+            db.execute("INSERT OR REPLACE INTO case_meta (case_id, closed_at, report) VALUES (?, ?, ?)",
+                       (case_id, at, report))
+
+    def mark_read(self, envelope_id: str, at: int) -> None:
+        with self.store() as db:
+            db.execute("UPDATE envelopes SET read_at = ? WHERE id = ?", (at, envelope_id))

@@ -78,7 +78,7 @@ _ADVICE: dict[str, tuple[str, str]] = {
 def error_text(e: PliError) -> str:
     advice = _ADVICE.get(e.code)
     head = tr(*advice) if advice else ""
-    detail = e.message
+    detail = str(getattr(e, "message_fr", "") or e.message) if lang() == "fr" else e.message
     return f"{head}\n  {detail}" if head and detail and detail != head else (head or detail)
 
 

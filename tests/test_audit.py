@@ -35,6 +35,7 @@ from relay.app import LOG, STORAGE, create_app
 from relay.cli import new_invitation_code
 from relay.config import RelayConfig
 from relay.storage import Practitioner
+from tools.case_samples import answer_body, request_body
 
 GP = Practitioner(rpps="10000005479", name="Dr Claire Martin", profession="médecin", specialty="SM54")
 DERM = Practitioner(rpps="10000012343", name="Dr Karim Benali", profession="médecin", specialty="SM15")
@@ -119,9 +120,10 @@ async def case(tmp_path: Path, start_relay: StartRelay) -> Case:
     photo = tmp_path / "lesion.png"
     make_photo(photo)
     sent = await core.send(gp[0], gp[1], to=[DERM.rpps], kind="request",
-                           body={"subject": "Lésion", "patient": "Mme Test", "text": "Mélanome ?"}, files=[photo])
+                           body=request_body(requis_rpps=DERM.rpps, question="Mélanome ?"), files=[photo])
     await core.open_envelope(derm[0], derm[1], sent.envelope_id)
-    answer = await core.reply(derm[0], derm[1], sent.envelope_id, text="Avis : exérèse.", files=[])
+    answer = await core.reply(derm[0], derm[1], sent.envelope_id, kind="avis",
+                              body=answer_body("avis", text="Avis : exérèse."), files=[])
     await core.open_envelope(gp[0], gp[1], answer.envelope_id)
     package = tmp_path / "case.pliaudit"
     async with RelayClient(relay.url, gp[1]) as r:
@@ -290,7 +292,7 @@ async def test_client_alarm_on_fork(case: Case) -> None:
     assert recorded is not None
     assert recorded["what"] == "fork"
     # The CLI refuses every relay command while the alarm stands.
-    out = await _pli("--home", str(home.root), "inbox", PLI_PASSPHRASE="passphrase")
+    out = await _pli("--home", str(home.root), "cases", PLI_PASSPHRASE="passphrase")
     assert out.returncode == 3
     assert "ALERT" in out.stderr
     assert "Traceback" not in out.stderr

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,69 +96,103 @@ def practitioner(tmp_path: Path, relay: Relay, name: str, rpps: str, full: str) 
     return home
 
 
+CASE_YAML = f"""
+# A case file as practice software writes it (README, "pli case new --from")
+requis:
+  rpps: "{DERM_RPPS}"
+  name: Dr Karim Benali
+patient:
+  family_name: Témoin-Unique
+  given_names: Zoé
+  birth_date: 1961-03-12
+  sex: F
+  ins: "261037511200508"
+motif: Lésion du cuir chevelu
+question: "{QUESTION}"
+context: Pas d'antécédent.
+urgency: routine
+consent:
+  informed: oui
+  consented: oui
+  method: oral
+attachments:
+  - photo.jpg
+"""
+
+
 @pytest.fixture
 def two(tmp_path: Path, relay: Relay) -> tuple[Path, Path, Path]:
     gp = practitioner(tmp_path, relay, "gp", GP_RPPS, "Dr Claire Martin")
     derm = practitioner(tmp_path, relay, "derm", DERM_RPPS, "Dr Karim Benali")
     files = tmp_path / "files"
     files.mkdir()
-    make_photo(files / "photo.png")
-    make_pdf(files / "dossier.pdf", ["Dossier", PATIENT])
+    make_photo(files / "photo.jpg")
+    make_pdf(files / "ecg.pdf", ["ECG", PATIENT])
+    (files / "case.yaml").write_text(CASE_YAML, encoding="utf-8")
     return gp, derm, files
 
 
-def test_full_exchange_through_the_commands(tmp_path: Path, relay: Relay, two: tuple[Path, Path, Path]) -> None:
-    gp, derm, files = two
-    sent = json.loads(pli(gp, "--json", "send", "--to", DERM_RPPS, "--subject", "Cuir chevelu",
-                          "--patient", PATIENT, "--text", QUESTION,
-                          str(files / "photo.png"), str(files / "dossier.pdf")).stdout)
-    assert sent["to"] == [{"rpps": DERM_RPPS, "name": "Dr Karim Benali"}]
-    assert sent["first_contacts"] == [DERM_RPPS]
+def new_case(gp: Path, files: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return pli(gp, "--json", "case", "new", "--from", str(files / "case.yaml"), *extra, check=check)
 
-    waiting = json.loads(pli(derm, "--json", "inbox").stdout)
-    assert [w["id"] for w in waiting] == [sent["envelope_id"]]
-    assert waiting[0]["from_rpps"] == GP_RPPS
+
+def test_full_case_through_the_commands(tmp_path: Path, relay: Relay, two: tuple[Path, Path, Path]) -> None:
+    gp, derm, files = two
+    sent = json.loads(new_case(gp, files, str(files / "ecg.pdf")).stdout)
+    assert sent["sent"] is True
+    assert sent["first_contacts"] == [DERM_RPPS]
+    assert sorted(sent["files"]) == ["demande-teleexpertise.pdf", "ecg.pdf", "photo.jpg", "photo.thumb.jpg"]
+    case = sent["case"]
 
     # While the envelope sits on the relay, its storage holds only ciphertext.
-    markers = {
-        "patient": PATIENT.encode(),
-        "question": QUESTION.encode(),
-        "photo": (files / "photo.png").read_bytes()[-400:],
-        "pdf": (files / "dossier.pdf").read_bytes()[:200],
-    }
+    markers = {"patient": "Témoin-Unique".upper().encode(), "question": QUESTION.encode(),
+               "pdf": (files / "ecg.pdf").read_bytes()[:200]}
     count, found = scan_for_plaintext(relay.data, markers)
     assert count >= 2
     assert found == []
 
-    opened = json.loads(pli(derm, "--json", "open", sent["envelope_id"][:8]).stdout)
-    assert opened["sender_rpps"] == GP_RPPS
-    assert opened["body"] == {"subject": "Cuir chevelu", "patient": PATIENT, "text": QUESTION}
-    folder = Path(opened["folder"])
-    for name in ("photo.png", "dossier.pdf"):
-        assert (folder / "files" / name).read_bytes() == (files / name).read_bytes()
-    assert json.loads(pli(derm, "--json", "inbox").stdout) == []
+    listed = json.loads(pli(derm, "--json", "cases").stdout)
+    assert listed["new"] == 1
+    [row] = listed["cases"]
+    assert (row["case"], row["status"], row["role"], row["unread"]) == (case, "to_answer", "requis", 1)
+    shown = json.loads(pli(derm, "--json", "case", "show", case[:8]).stdout)
+    assert shown["read_signed"] is True
+    request = shown["envelopes"][0]
+    assert request["body"]["question"] == QUESTION
+    folder = Path(request["folder"]) / "files"
+    assert (folder / "ecg.pdf").read_bytes() == (files / "ecg.pdf").read_bytes()
 
-    answer = json.loads(pli(derm, "--json", "reply", opened["envelope_id"], "--text", "Avis : kératose.").stdout)
-    assert answer["case_id"] == sent["case_id"]
-    back = json.loads(pli(gp, "--json", "open", answer["envelope_id"]).stdout)
-    assert back["kind"] == "reply"
-    assert back["body"] == {"in_reply_to": sent["envelope_id"], "text": "Avis : kératose."}
-    assert back["case_id"] == sent["case_id"]
+    asked = pli(derm, "--json", "case", "answer", case[:8], "--complement", "Une photo de plus.")
+    assert json.loads(asked.stdout)["kind"] == "complement_request"
+    assert json.loads(pli(gp, "--json", "cases").stdout)["cases"][0]["status"] == "complement_asked"
+    pli(gp, "case", "complement", case[:8], "--text", "Voici.", str(files / "photo.jpg"))
+    pli(derm, "cases")
+    pli(derm, "case", "answer", case[:8], "--avis", "Kératose séborrhéique.", "--prescription", "Rien")
+    gp_cases = json.loads(pli(gp, "--json", "cases").stdout)["cases"]
+    assert gp_cases[0]["status"] == "answered"
+    report = json.loads(pli(gp, "--json", "case", "report", case[:8]).stdout)
+    assert Path(report["report"]).read_bytes().startswith(b"%PDF-")
+    assert json.loads(pli(gp, "--json", "cases").stdout)["cases"][0]["status"] == "closed"
+    bill = json.loads(pli(gp, "--json", "billing", "--month", time.strftime("%Y-%m")).stdout)
+    assert [line["code"] for line in bill["lines"]] == ["RQD"]
+    csv_out = pli(derm, "billing", "--month", time.strftime("%Y-%m"), "--csv").stdout
+    assert "TE2" in csv_out
+    assert ";" in csv_out
 
-    # Acknowledged by every recipient: the relay keeps no ciphertext of either envelope.
+    # Acknowledged by every recipient: the relay keeps no ciphertext of any envelope.
     assert not [p for p in (relay.data / "blobs").rglob("*") if p.is_file()]
 
 
 def test_human_output_is_plain_text(two: tuple[Path, Path, Path]) -> None:
     gp, derm, files = two
-    out = pli(gp, "send", "--to", DERM_RPPS, "--subject", "S", "--patient", PATIENT, "--text", "Q",
-              str(files / "photo.png")).stdout
-    assert "Sent to Dr Karim Benali (RPPS 10000012343)" in out
+    out = pli(gp, "case", "new", "--from", str(files / "case.yaml")).stdout
+    assert "Request sent to Dr Karim Benali (RPPS 10000012343)" in out
     assert "First exchange" in out
-    inbox = pli(derm, "inbox").stdout
-    assert "1 envelope(s) waiting" in inbox
-    french = pli(derm, "inbox", PLI_LANG="fr").stdout
-    assert "1 pli(s) en attente" in french
+    listing = pli(derm, "cases").stdout
+    assert "1 new envelope(s) received and verified" in listing
+    assert "to answer" in listing
+    french = pli(derm, "cases", "--offline", PLI_LANG="fr").stdout
+    assert "à traiter" in french
 
 
 def test_archived_envelope_opens_with_the_age_tool(two: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -167,15 +202,14 @@ def test_archived_envelope_opens_with_the_age_tool(two: tuple[Path, Path, Path],
     if shutil.which("age") is None:
         pytest.skip("the `age` tool is not installed (Debian package age; `make test` installs it as root)")
     gp, derm, files = two
-    sent = json.loads(pli(gp, "--json", "send", "--to", DERM_RPPS, "--subject", "S", "--patient", PATIENT,
-                          "--text", QUESTION, str(files / "photo.png")).stdout)
-    pli(derm, "open", sent["envelope_id"])
+    sent = json.loads(new_case(gp, files).stdout)
+    pli(derm, "cases")
     from client.home import Home  # noqa: PLC0415
 
     keys = Home(derm).unlock(b"correct horse battery staple")
     identity = tmp_path / "derm.agekey"
     identity.write_text(keys.identity.to_string() + "\n")
-    archived = derm / "envelopes" / f"{sent['envelope_id']}.age"
+    archived = derm / "envelopes" / f"{sent['envelope']}.age"
     plain = subprocess.run(["age", "-d", "-i", str(identity), str(archived)], capture_output=True, check=True).stdout
     out = tmp_path / "extracted"
     out.mkdir()
@@ -184,33 +218,53 @@ def test_archived_envelope_opens_with_the_age_tool(two: tuple[Path, Path, Path],
     with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
         names = tar.getnames()
         tar.extractall(out, filter="data")
-    assert names == ["pli/manifest", "pli/manifest.sig", "files/photo.png"]
-    assert (out / "files" / "photo.png").read_bytes() == (files / "photo.png").read_bytes()
+    assert names == ["pli/manifest", "pli/manifest.sig", "files/demande-teleexpertise.pdf", "files/photo.jpg",
+                     "files/photo.thumb.jpg"]
+    assert (out / "files" / "demande-teleexpertise.pdf").read_bytes().startswith(b"%PDF-")
 
 
 def test_invalid_rpps_is_explained_digit_by_digit(two: tuple[Path, Path, Path]) -> None:
     gp, _, files = two
-    out = pli(gp, "send", "--to", "10000012344", "--subject", "S", "--patient", "P", "--text", "Q",
-              str(files / "photo.png"), check=False)
+    out = new_case(gp, files, "--to", "10000012344", check=False)
     assert out.returncode == 1
-    assert "check digit" in out.stderr
-    assert "should be 3, not 4" in out.stderr
+    err = json.loads(out.stdout)
+    assert err["error"] == "invalid_identifier"
+    assert "should be 3, not 4" in err["message"]
+    human = pli(gp, "case", "new", "--from", str(files / "case.yaml"), "--to", "10000012344", check=False,
+                PLI_LANG="fr")
+    assert "chiffre de contrôle" in human.stderr or "clé" in human.stderr
+
+
+def test_case_without_consent_is_refused(two: tuple[Path, Path, Path]) -> None:
+    gp, _, files = two
+    (files / "case.yaml").write_text(CASE_YAML.replace("consented: oui", "consented: non"), encoding="utf-8")
+    out = new_case(gp, files, check=False)
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["error"] == "invalid_case"
+    assert json.loads(pli(gp, "--json", "cases", "--offline").stdout)["cases"] == []
+
+
+def test_answer_needs_exactly_one_kind(two: tuple[Path, Path, Path]) -> None:
+    gp, _, _ = two
+    out = pli(gp, "case", "answer", "abcd", "--avis", "x", "--refus", "y", check=False)
+    assert out.returncode == 2
+    assert "exactly one" in out.stderr
 
 
 def test_errors_are_typed_in_json(two: tuple[Path, Path, Path]) -> None:
     gp, _, _ = two
-    out = pli(gp, "--json", "open", "ffffffff", check=False)
+    out = pli(gp, "--json", "case", "show", "ffffffff", check=False)
     assert out.returncode == 1
     err = json.loads(out.stdout)
-    assert err["error"] == "client"
-    assert "no envelope" in err["message"]
+    assert err["error"] == "case"
+    assert "no case" in err["message"]
 
 
 def test_wrong_passphrase(two: tuple[Path, Path, Path], tmp_path: Path) -> None:
     gp, _, _ = two
     wrong = tmp_path / "wrong.pass"
     wrong.write_text("not the passphrase\n")
-    out = pli(gp, "inbox", check=False, PLI_PASSPHRASE_FILE=str(wrong))
+    out = pli(gp, "cases", check=False, PLI_PASSPHRASE_FILE=str(wrong))
     assert out.returncode == 1
     assert "wrong passphrase" in out.stderr
 
@@ -236,7 +290,7 @@ def test_unreachable_relay_says_so(tmp_path: Path) -> None:
 
 def test_key_change_is_refused_until_trusted(tmp_path: Path, relay: Relay, two: tuple[Path, Path, Path]) -> None:
     gp, _derm, files = two
-    send = ("send", "--to", DERM_RPPS, "--subject", "S", "--patient", "P", "--text", "Q", str(files / "photo.png"))
+    send = ("case", "new", "--from", str(files / "case.yaml"))
     pli(gp, *send)
     # The dermatologist's practitioner entry gains a device the GP never saw (what a
     # compromised relay would do to read the next cases).
@@ -254,8 +308,10 @@ def test_help_teaches() -> None:
     top = pli(None, "--help").stdout
     assert "pli enroll" in top
     assert "pli demo" in top
-    for cmd in ("init", "enroll", "send", "inbox", "open", "reply", "trust", "demo", "whoami"):
-        assert pli(None, cmd, "--help").returncode == 0
+    assert "pli case new" in top
+    for cmd in (("init",), ("enroll",), ("cases",), ("case", "new"), ("case", "show"), ("case", "answer"),
+                ("case", "complement"), ("case", "report"), ("billing",), ("trust",), ("demo",), ("whoami",)):
+        assert pli(None, *cmd, "--help").returncode == 0
     relay_help = relay_cmd("--help")
     assert "pli-relay invite" in relay_help.stdout
 
@@ -263,15 +319,20 @@ def test_help_teaches() -> None:
 def test_demo_keeps_its_workdir(tmp_path: Path) -> None:
     out = pli(None, "--json", "demo", "--workdir", str(tmp_path / "d"))
     result = json.loads(out.stdout)
-    assert result["answer_text"].startswith("Avis")
-    assert result["attachments"] == ["lesion-dos.png", "dossier.pdf"]
+    assert result["status"] == "answered"
+    assert result["attachments"] == ["compte-rendu-biologie.pdf", "demande-teleexpertise.pdf", "lesion-dos.jpg",
+                                     "lesion-dos.thumb.jpg"]
+    assert Path(result["report"]).is_file()
+    assert sorted(line["code"] for lines in result["billing"].values() for line in lines) == ["RQD", "TE2"]
     for sub in ("relay", "gp", "dermatologue"):
         assert (tmp_path / "d" / sub).is_dir()
 
 
 def test_demo_prints_each_step() -> None:
     out = pli(None, "demo").stdout
-    for step in ("1. Relay started", "3. Dr Martin sends", "5. Dr Benali opens", "7. Dr Martin reads",
-                 "8. The case's audit package is exported", "Verdict: verified", "9. The relay never held plaintext",
-                 "Demo passed"):
+    for step in ("1. Relay started", "3. Dr Martin prepares and sends", "EXIF and GPS removed", "5. He reads it",
+                 "6. Dr Martin sends the complement", "7. Dr Benali gives his avis", "8. Dr Martin reads the avis",
+                 "9. Billing (Dr Martin): RQD", "9. Billing (Dr Benali): TE2",
+                 "10. The case's audit package is exported", "Verdict: verified",
+                 "11. The relay never held plaintext", "Demo passed"):
         assert step in out

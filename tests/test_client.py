@@ -19,6 +19,7 @@ from relay.app import STORAGE, create_app
 from relay.cli import new_invitation_code
 from relay.config import RelayConfig
 from relay.storage import Practitioner
+from tools.case_samples import request_body
 
 GP = Practitioner(rpps="10000005479", name="Dr Claire Martin", profession="médecin", specialty="SM54")
 DERM = Practitioner(rpps="10000012343", name="Dr Karim Benali", profession="médecin", specialty="SM15")
@@ -55,7 +56,7 @@ async def _send_photo(env: Env, gp: tuple[Home, DeviceKeys], size: int = 300_000
     data = bytes((i * 7919) % 251 for i in range(size))
     photo.write_bytes(data)
     sent = await core.send(gp[0], gp[1], to=[DERM.rpps], kind="request",
-                           body={"subject": "S", "patient": "P", "text": "Q"}, files=[photo])
+                           body=request_body(requis_rpps=DERM.rpps), files=[photo])
     return sent, data
 
 
@@ -115,7 +116,7 @@ async def test_sender_can_reread_its_own_archive(env: Env) -> None:
     photo = env.tmp / "lesion.png"
     make_photo(photo)
     sent = await core.send(gp_home, gp_keys, to=[DERM.rpps], kind="request",
-                           body={"subject": "S", "patient": "P", "text": "Q"}, files=[photo])
+                           body=request_body(requis_rpps=DERM.rpps), files=[photo])
     from protocol import age  # noqa: PLC0415
 
     plain = age.decrypt((gp_home.envelopes / f"{sent.envelope_id}.age").read_bytes(), [gp_keys.identity])
@@ -138,7 +139,7 @@ async def test_send_to_oneself_only_is_refused(env: Env) -> None:
     gp_home, gp_keys = await env.practitioner(GP, "gp")
     with pytest.raises(PliError, match="no recipient device other than this one"):
         await core.send(gp_home, gp_keys, to=[GP.rpps], kind="request",
-                        body={"subject": "S", "patient": "P", "text": "Q"}, files=[])
+                        body=request_body(requis_rpps=GP.rpps), files=[])
 
 
 async def test_attachment_whose_name_lies_about_its_type_is_refused(env: Env) -> None:
@@ -148,7 +149,7 @@ async def test_attachment_whose_name_lies_about_its_type_is_refused(env: Env) ->
     fake.write_bytes(b"MZ\x90\x00 not a pdf")
     with pytest.raises(PliError, match="not"):
         await core.send(gp_home, gp_keys, to=[DERM.rpps], kind="request",
-                        body={"subject": "S", "patient": "P", "text": "Q"}, files=[fake])
+                        body=request_body(requis_rpps=DERM.rpps), files=[fake])
     assert not list(gp_home.envelopes.glob("*")) if gp_home.envelopes.exists() else True
 
 
@@ -183,7 +184,7 @@ async def test_relay_slipping_an_unlogged_key_into_the_directory_is_refused(env:
                    (rogue.device_id, DERM.rpps, rogue.sign_key, rogue.cert, rogue.sig, int(time.time())))
     with pytest.raises(PliError, match="without proof in its log"):
         await core.send(gp_home, gp_keys, to=[DERM.rpps], kind="request",
-                        body={"subject": "S", "patient": "P", "text": "Q"}, files=[])
+                        body=request_body(requis_rpps=DERM.rpps), files=[])
     assert gp_home.pinned(DERM.rpps) is None
 
 

@@ -19,11 +19,17 @@ from protocol.logentry import EntryType, LogEntry
 from protocol.note import TlogProof, Verifier
 from relay.app import UPLOAD_LOCKS
 from relay.routes import ENVELOPE_TYPE, _upload_lock, purge_once
+from tools.case_samples import answer_body, request_body
 
 PATIENT = "Mme Germaine Quasimodo-Zyxwvut, née le 03/07/1937"
 SUBJECT = "Lésion pigmentée du dos, avis dermatologique"
 QUESTION = "Lésion évolutive depuis 3 mois, ABCDE positif : exérèse urgente ? (marqueur-question-7f3a)"
 ANSWER = "Aspect de mélanome à confirmer : exérèse dans les 15 jours (marqueur-réponse-91c2)"
+NIR = "237077511200584"  # the patient's INS matricule: a woman born in July 1937
+REQUEST = request_body(
+    requis_rpps=DERM, motif=SUBJECT, question=QUESTION,
+    family_name="Quasimodo-Zyxwvut", given_names="Germaine", birth_date="1937-07-03", ins=NIR,
+)
 PHOTO_MARKER = b"PHOTO-PLAINTEXT-MARKER-5e1b9c0d"
 
 
@@ -35,7 +41,7 @@ def _photo(path: Path) -> bytes:
 
 def _markers() -> list[bytes]:
     out = [PHOTO_MARKER]
-    for text in (PATIENT, SUBJECT, QUESTION, ANSWER):
+    for text in (PATIENT, SUBJECT, QUESTION, ANSWER, NIR):
         out.append(text.encode("utf-8"))
         out.append(text.encode("utf-16-le"))
     out += [b"Quasimodo-Zyxwvut", b"marqueur-question-7f3a", "marqueur-réponse-91c2".encode()]
@@ -154,7 +160,7 @@ async def test_full_flow_send_inbox_open_ack_reply(relay: Relay, tmp_path: Path)
 
     sent = await core.send(
         gp.home, gp.keys, to=[DERM], kind="request",
-        body={"subject": SUBJECT, "patient": PATIENT, "text": QUESTION}, files=[photo, letter],
+        body=REQUEST, files=[photo, letter],
     )
     eid = bytes.fromhex(sent.envelope_id)
     assert sent.received_at == relay.clock()
@@ -182,7 +188,7 @@ async def test_full_flow_send_inbox_open_ack_reply(relay: Relay, tmp_path: Path)
     opened = await core.open_envelope(derm.home, derm.keys, sent.envelope_id, acknowledge=False)
     assert opened.kind == "request"
     assert opened.sender_rpps == GP
-    assert opened.body == {"subject": SUBJECT, "patient": PATIENT, "text": QUESTION}
+    assert opened.body == REQUEST
     assert opened.sender_fingerprint == gp.keys.public().fingerprint
     assert (Path(opened.folder) / "files" / "lesion-dos.jpg").read_bytes() == photo_bytes
     assert [f["name"] for f in opened.files] == ["lesion-dos.jpg", "courrier.txt"]
@@ -207,14 +213,15 @@ async def test_full_flow_send_inbox_open_ack_reply(relay: Relay, tmp_path: Path)
     assert_problem(await relay.get(gp.keys, f"/v1/envelopes/{eid.hex()}"), 404, "not_found")
 
     # The answer goes back the same way, and is deleted once the GP acknowledges it.
-    rep = await core.reply(derm.home, derm.keys, sent.envelope_id, text=ANSWER, files=[])
+    rep = await core.reply(derm.home, derm.keys, sent.envelope_id, kind="avis", body=answer_body("avis", text=ANSWER),
+                           files=[])
     assert rep.case_id == sent.case_id
     rid = bytes.fromhex(rep.envelope_id)
     assert relay.blob_path(rid).is_file()
     assert_no_plaintext(relay.data)
     got = await core.open_envelope(gp.home, gp.keys, rep.envelope_id)
-    assert got.kind == "reply"
-    assert got.body == {"in_reply_to": sent.envelope_id, "text": ANSWER}
+    assert got.kind == "avis"
+    assert got.body == {**answer_body("avis", text=ANSWER), "in_reply_to": sent.envelope_id}
     assert got.case_id == sent.case_id
     assert not relay.blob_path(rid).exists()
     assert relay.blob_files() == []
@@ -232,7 +239,7 @@ async def test_not_deleted_until_every_recipient_device_acknowledges(relay: Rela
     photo_bytes = _photo(photo)
     sent = await core.send(
         gp.home, gp.keys, to=[DERM], kind="request",
-        body={"subject": SUBJECT, "patient": PATIENT, "text": QUESTION}, files=[photo],
+        body=REQUEST, files=[photo],
     )
     eid = bytes.fromhex(sent.envelope_id)
     recipients = relay.query("SELECT device_id FROM deliveries WHERE envelope_id = ?", (eid,))

@@ -51,6 +51,7 @@ from relay.app import LOG
 from relay.log import Appended, LogIntegrityError, Skip, TransparencyLog, open_log
 from relay.logroutes import MAX_ENTRIES
 from relay.storage import Storage
+from tools.case_samples import answer_body, request_body
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGIN = "relay.test.example/pli"
@@ -1135,6 +1136,7 @@ async def test_log_routes_refuse_other_methods(relay: Relay) -> None:
 PATIENT = "Mme Berthe Log-Marqueur, née le 12/09/1941"
 QUESTION = "Plaie chronique du talon depuis 6 semaines (question-log-4c1d)"
 ANSWER = "Avis : bilan vasculaire avant détersion (réponse-log-8e2f)"
+NIR = "241097511200517"  # a woman born in September 1941
 PHOTO_MARKER = b"LOG-PHOTO-MARKER-0a9b8c7d"
 
 
@@ -1147,10 +1149,12 @@ async def test_no_content_in_the_log_after_a_full_flow(relay: Relay, tmp_path: P
     photo = tmp_path / "talon.jpg"
     photo_bytes = b"\xff\xd8\xff\xe0" + PHOTO_MARKER + os.urandom(5000) + PHOTO_MARKER
     photo.write_bytes(photo_bytes)
-    sent = await core.send(gp.home, gp.keys, to=[DERM], kind="request",
-                           body={"subject": "Plaie", "patient": PATIENT, "text": QUESTION}, files=[photo])
+    body = request_body(requis_rpps=DERM, motif="Plaie", question=QUESTION, family_name="Log-Marqueur",
+                        given_names="Berthe", birth_date="1941-09-12", ins=NIR)
+    sent = await core.send(gp.home, gp.keys, to=[DERM], kind="request", body=body, files=[photo])
     opened = await core.open_envelope(derm.home, derm.keys, sent.envelope_id)
-    assert opened.body["patient"] == PATIENT
+    assert opened.body["patient"]["family_name"] == "Log-Marqueur"
+    assert opened.body["question"] == QUESTION
     eid = bytes.fromhex(sent.envelope_id)
     signed_hash = LogEntry.from_bytes(base64.b64decode(
         (await relay.get(gp.keys, f"/v1/envelopes/{eid.hex()}/receipts")).json()["receipts"][0]["leaf"])
@@ -1158,7 +1162,8 @@ async def test_no_content_in_the_log_after_a_full_flow(relay: Relay, tmp_path: P
     # (The client may already have logged the read and the answer itself: then the relay
     # answers 200 with the existing receipt.)
     assert (await post_read(relay, derm, eid, signed_hash)).status in {200, 201}
-    rep = await core.reply(derm.home, derm.keys, sent.envelope_id, text=ANSWER, files=[])
+    rep = await core.reply(derm.home, derm.keys, sent.envelope_id, kind="avis", body=answer_body("avis", text=ANSWER),
+                           files=[])
     rid = bytes.fromhex(rep.envelope_id)
     receipts = (await relay.get(derm.keys, f"/v1/envelopes/{rid.hex()}/receipts")).json()["receipts"]
     answer_hash = LogEntry.from_bytes(base64.b64decode(receipts[0]["leaf"])).envelope_hash
@@ -1169,7 +1174,7 @@ async def test_no_content_in_the_log_after_a_full_flow(relay: Relay, tmp_path: P
     leaves = await all_leaves(relay)
     assert set(types(leaves)) == set(EntryType) - {EntryType.DEVICE_REVOKED}
     markers = [PHOTO_MARKER, photo_bytes[4:40]]
-    for text in (PATIENT, QUESTION, ANSWER, "Log-Marqueur", "question-log-4c1d", "réponse-log-8e2f"):
+    for text in (PATIENT, QUESTION, ANSWER, NIR, "Log-Marqueur", "question-log-4c1d", "réponse-log-8e2f"):
         markers += [text.encode("utf-8"), text.encode("utf-16-le"), text.encode("latin-1", "replace")]
     blob = b"".join(leaves)
     for marker in markers:
