@@ -126,10 +126,12 @@ def case() -> None:
 @click.option("--to", "to", help="RPPS of the specialist (overrides the case file's requis: rpps:).")
 @click.option("--dry-run", is_flag=True, help="Check everything and write the dossier PDF, but do not send.")
 @click.option("--yes", is_flag=True, help="Send without asking for confirmation.")
+@click.option("--interactive", is_flag=True,
+              help="Ask for each field even when not on a terminal (e.g. from a wrapper script).")
 @click.argument("files", nargs=-1, type=FILES)
 @pass_ctx
 def case_new(c: Ctx, from_file: Path | None, to: str | None, dry_run: bool, yes: bool,
-             files: tuple[Path, ...]) -> None:
+             interactive: bool, files: tuple[Path, ...]) -> None:
     """Prepare a request and send it: checked identifiers, recorded consent, cleaned photos
     (no EXIF or GPS), and the pre-filled dossier PDF, all encrypted for the specialist.
 
@@ -147,7 +149,7 @@ def case_new(c: Ctx, from_file: Path | None, to: str | None, dry_run: bool, yes:
         data = load_case_file(from_file)
         more: list[Path] = []
         base = from_file.parent
-    elif sys.stdin.isatty() and not c.json:
+    elif (interactive or sys.stdin.isatty()) and not c.json:
         data, more = _interactive(to)
         base = Path()
     else:
