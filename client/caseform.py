@@ -9,6 +9,7 @@ specialist opens is readable by any PDF viewer.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import shutil
@@ -21,7 +22,7 @@ import yaml
 
 from client import media, pdf
 from client.core import media_type
-from client.home import Home, Profile
+from client.home import Home, Profile, atomic_write
 from protocol import ids
 from protocol.case import CONSENT_METHODS, URGENCIES, check_body
 from protocol.errors import PliError
@@ -116,11 +117,13 @@ def build_body(  # noqa: C901, PLR0912 - one check per field, each with its own 
     author: dict[str, Any] = {"profession": profession.code, "specialty": profile.specialty}
     if adeli:
         author["adeli"] = _checked(lambda: ids.check_adeli(adeli))
+        profile.adeli = author["adeli"]  # remembered once given (prepare_request saves the profile)
     elif profession.uses_adeli:
         raise CaseFormError(
-            f"your ADELI number is required for {profession.label_en}s: add it under requerant: adeli:",
-            fr=f"votre numéro ADELI est obligatoire pour la profession {profession.label_fr} : "
-               "ajoutez-le sous requerant: adeli:",
+            f"your ADELI number is required for {profession.label_en}s: record it once with "
+            "`pli whoami --adeli NUMBER` (or add it under requerant: adeli:)",
+            fr=f"votre numéro ADELI est obligatoire pour la profession {profession.label_fr} : enregistrez-le une "
+               "fois avec `pli whoami --adeli NUMÉRO` (ou ajoutez-le sous requerant: adeli:)",
         )
 
     requis = _section(data, "requis")
@@ -190,7 +193,7 @@ def build_body(  # noqa: C901, PLR0912 - one check per field, each with its own 
     return body, rpps
 
 
-def prepare_request(
+def prepare_request(  # noqa: C901 - each step cleans up after itself on failure
     home: Home, profile: Profile, data: dict[str, Any], files: list[Path], *,
     today: dt.date, case_id: bytes, now: int, base: Path | None = None,
 ) -> PreparedRequest:
@@ -200,6 +203,13 @@ def prepare_request(
     ``consent: form:``) are read relative to ``base``, the case file's folder.
     """
     body, rpps = build_body(data, profile, today=today)
+    warnings: list[tuple[str, str]] = []
+    if not _text(_section(data, "consent").get("date")):
+        warnings.append((f"the consent date was not given: today ({today.isoformat()}) is recorded",
+                         f"date du consentement non indiquée : aujourd'hui ({today.isoformat()}) est enregistré"))
+    if profile.adeli != home.profile().adeli:
+        home.save_profile(profile)
+    _sweep_outbox(home, now)
     paths = list(files)
     listed = data.get("attachments") or []
     if not isinstance(listed, list):
@@ -212,7 +222,6 @@ def prepare_request(
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     prepared: list[media.Prepared] = []
-    warnings: list[tuple[str, str]] = []
     try:
         for src in [*paths, *([form_path] if form_path else [])]:
             if not src.is_file():
@@ -238,7 +247,7 @@ def prepare_request(
                                 fr="deux pièces jointes ont le même nom (ou l'une porte le nom du dossier) : "
                                    "renommez-en une")
         dossier = folder / DOSSIER_NAME
-        dossier.write_bytes(pdf.render_dossier(dossier_data(
+        atomic_write(dossier, pdf.render_dossier(dossier_data(
             body, profile, case_id=case_id.hex(), created=now,
             attachments=[{"name": p.name, "type": media_type(p), "size": p.stat().st_size,
                           "sha256": _sha256(p)} for p in out],
@@ -251,6 +260,20 @@ def prepare_request(
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return PreparedRequest(case_id=case_id, to_rpps=rpps, body=body, files=out, folder=folder, warnings=warnings)
+
+
+OUTBOX_KEEP = 86400  # a prepared (or --dry-run) request's files are kept a day, then swept
+
+
+def _sweep_outbox(home: Home, now: int) -> None:
+    """Remove prepared requests that were never sent: patients' data must not linger."""
+    outbox = home.root / "outbox"
+    if not outbox.is_dir():
+        return
+    for folder in outbox.iterdir():
+        with contextlib.suppress(OSError):
+            if now - folder.stat().st_mtime > OUTBOX_KEEP:
+                shutil.rmtree(folder)
 
 
 def _sha256(path: Path) -> str:

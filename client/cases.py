@@ -10,9 +10,14 @@ relay's signed log times, not this computer's clock.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
+import os
 import shutil
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,7 @@ from client.api import Progress, RelayClient
 from client.caseform import PreparedRequest, profession_label
 from client.home import Home, Profile, atomic_write
 from protocol import ids
-from protocol.case import ANSWER_KINDS, FINAL_STATES, CaseState, CaseStateError, advance
+from protocol.case import ANSWER_KINDS, FINAL_STATES, REQUERANT_KINDS, CaseState, CaseStateError, advance
 from protocol.errors import PliError
 from protocol.keys import DeviceKeys
 from protocol.logentry import EntryType, LogEntry
@@ -96,8 +101,9 @@ class CaseView:
     overdue: bool
     unread: list[str]
     closed_at: int | None
-    envelopes: list[dict[str, Any]] = field(default_factory=list)
+    envelopes: list[dict[str, Any]] = field(default_factory=list)  # the conversation, in causal order
     anomalies: list[str] = field(default_factory=list)
+    foreign: list[dict[str, Any]] = field(default_factory=list)  # kept, but outside the conversation
 
     @property
     def patient_label(self) -> str:
@@ -151,35 +157,77 @@ def _causal_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         children.setdefault(parent, []).append(r)
     out: list[dict[str, Any]] = []
     stack = sorted(children.get(None, []), key=when, reverse=True)
+    seen: set[str] = set()
     while stack:
         r = stack.pop()
+        if r["id"] in seen:
+            continue
+        seen.add(r["id"])
         out.append(r)
         stack += sorted(children.get(r["id"], []), key=when, reverse=True)
-    return out
+    # Envelopes in a reference cycle (a hostile in_reply_to) are never reached above: keep them.
+    return out + sorted((r for r in rows if r["id"] not in seen), key=when)
+
+
+def _bound(rows: list[dict[str, Any]], me: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The envelopes that belong to the conversation, and why the others do not.
+
+    The request fixes the two practitioners: its sender (the requérant) and the requis it
+    names. A later envelope counts only if it comes from one of them, in a kind of their
+    role, and answers an envelope of the case: whoever learns a case id (it is printed,
+    and in audit packages) cannot slip an avis, or a demande de complément that would
+    draw the patient's data to them, into someone else's case. The others are kept (they
+    are authentic) but never change the state, become a reply target, reach the compte
+    rendu or the billing.
+    """
+    requests = [r for r in rows if r["kind"] == "request"]
+    if not requests:
+        return [], [f"{r['id'][:12]}: no request in this case" for r in rows]
+    request = requests[0]
+    requerant = me if request["direction"] == "sent" else request["peer_rpps"]
+    requis = request["body"].get("requis", {}).get("rpps", "") if request["direction"] == "sent" else me
+    kept, why = [request], []
+    known = {request["id"]}
+    for r in rows:
+        if r is request:
+            continue
+        sender = me if r["direction"] == "sent" else r["peer_rpps"]
+        role_kinds = REQUERANT_KINDS if sender == requerant else ANSWER_KINDS if sender == requis else frozenset()
+        if sender not in (requerant, requis):
+            why.append(f"{r['id'][:12]}: sent by RPPS {sender}, who is not part of this case")
+        elif r["kind"] not in role_kinds or r["kind"] == "request":
+            who = "requérant" if sender == requerant else "requis"
+            why.append(f"{r['id'][:12]}: a {r['kind']!r} cannot come from the {who}")
+        elif r.get("in_reply_to") not in known:
+            why.append(f"{r['id'][:12]}: answers no envelope of this case")
+        else:
+            kept.append(r)
+            known.add(r["id"])
+    return kept, why
 
 
 def case_view(home: Home, case_id: str, *, now: int) -> CaseView:
     """Where a case stands, replayed from its envelopes (see the module docstring)."""
-    rows = _rows(home, case_id)
+    everything = _rows(home, case_id)
+    rows, anomalies = _bound(everything, home.profile().rpps)
     state: CaseState | None = None
-    anomalies: list[str] = []
     for r in rows:
         try:
             state = advance(state, r["kind"])
         except CaseStateError as e:
             anomalies.append(f"{r['id'][:12]}: {e}")
-    request = next((r for r in rows if r["kind"] == "request"), None)
+    request = rows[0] if rows else None
     role = "requerant" if request is None or request["direction"] == "sent" else "requis"
     body = request["body"] if request else {}
     counterpart_row = next((r for r in rows if r["direction"] == "received"), None)
     if role == "requerant":
         requis = body.get("requis", {})
-        counterpart = {"name": requis.get("name") or (counterpart_row or {}).get("peer_name", ""),
+        counterpart = {"name": (counterpart_row or {}).get("peer_name", "") or requis.get("name", ""),
                        "rpps": requis.get("rpps", "")}
     else:
         counterpart = {"name": request["peer_name"] if request else "", "rpps": request["peer_rpps"] if request else ""}
     meta = home.case_meta(case_id)
-    unread = [r["id"] for r in rows if r["direction"] == "received" and not r.get("read_at")]
+    unread = [r["id"] for r in everything if r["direction"] == "received" and not r.get("read_at")]
     deadline = None
     if state == CaseState.AWAITING_ANSWER:
         last_ask = [r for r in rows if r["kind"] in ("request", "complement")]
@@ -200,9 +248,10 @@ def case_view(home: Home, case_id: str, *, now: int) -> CaseView:
     return CaseView(
         case_id=case_id, role=role, state=state, status=status, patient=body.get("patient", {}),
         counterpart=counterpart, motif=body.get("motif", ""), urgency=body.get("urgency", "routine"),
-        opened_at=_at(rows[0]) if rows else 0, last_at=_at(rows[-1]) if rows else 0,
+        opened_at=_at(everything[0]) if everything else 0, last_at=_at(everything[-1]) if everything else 0,
         deadline=deadline, overdue=deadline is not None and now > deadline, unread=unread,
         closed_at=meta["closed_at"], envelopes=rows, anomalies=anomalies,
+        foreign=[r for r in everything if r not in rows],
     )
 
 
@@ -219,6 +268,8 @@ def list_cases(home: Home, *, now: int, include_closed: bool = True) -> list[Cas
 def find_case(home: Home, prefix: str) -> str:
     """A case by its id or the first characters of it (people type the first few)."""
     p = prefix.strip().lower()
+    if not all(c in "0123456789abcdef" for c in p):
+        p = ""  # a case id is hex: anything else matches nothing (and no LIKE wildcard)
     with home.store() as db:
         ids_ = [r[0] for r in db.execute("SELECT DISTINCT case_id FROM envelopes WHERE case_id LIKE ?", (p + "%",))]
     if len(ids_) == 1 and p:
@@ -238,10 +289,11 @@ async def send_request(
     progress: Progress | None = None, relay: RelayClient | None = None,
 ) -> core.SentEnvelope:
     """Send a prepared request; the prepared files become the case's own copy."""
-    sent = await core.send(
-        home, keys, to=[prepared.to_rpps], kind="request", body=prepared.body, files=prepared.files,
-        case_id=prepared.case_id, progress=progress, relay=relay,
-    )
+    async with _exclusive(home):
+        sent = await core.send(
+            home, keys, to=[prepared.to_rpps], kind="request", body=prepared.body, files=prepared.files,
+            case_id=prepared.case_id, progress=progress, relay=relay,
+        )
     _keep_sent_files(home, sent, prepared.folder)
     return sent
 
@@ -279,8 +331,12 @@ async def sync(
     """
     result = SyncResult()
     profile = core._session(home)  # noqa: SLF001
+    rejected = home.rejected()
     async with core._relay(home, profile, keys, relay) as r:  # noqa: SLF001
+        await core.send_pending_statements(home, keys, r)
         for entry in await r.inbox():
+            if entry["id"] in rejected:  # refused before and kept as evidence: not again
+                continue
             try:
                 opened = await core.open_envelope(
                     home, keys, entry["id"], relay=r, mark_read=False,
@@ -343,7 +399,7 @@ def _author(profile: Profile, *, answering: bool) -> dict[str, Any]:
 
 def _prepare_files(home: Home, case_id: str, files: list[Path]) -> tuple[list[Path], Path, list[tuple[str, str]]]:
     """Attachments of an answer or complement get the same cleaning as a request's."""
-    folder = home.root / "outbox" / f"{case_id}-{core._now()}"  # noqa: SLF001
+    folder = home.root / "outbox" / f"{case_id}-{os.urandom(4).hex()}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     out: list[Path] = []
@@ -365,7 +421,44 @@ def _prepare_files(home: Home, case_id: str, files: list[Path]) -> tuple[list[Pa
     return out, folder, warnings
 
 
+@contextlib.asynccontextmanager
+async def _exclusive(home: Home, *, wait: float = 60.0) -> AsyncIterator[None]:
+    """One case action at a time on this computer: two terminals answering the same case
+    must not both pass the state check and both send (an avis and a refus crossing)."""
+    home.root.mkdir(parents=True, exist_ok=True)
+    with (home.root / ".case.lock").open("a") as f:
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX; elsewhere one terminal at a time is the user's job
+        except ImportError:
+            yield
+            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CaseError("another pli command is working on your cases; try again when it ends",
+                                    fr="une autre commande pli travaille sur vos dossiers ; réessayez quand elle "
+                                       "aura fini") from None
+                await asyncio.sleep(0.05)  # another process holds it: poll, never block the loop
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 async def _respond(
+    home: Home, keys: DeviceKeys, case_id: str, kind: str, fields: dict[str, Any], files: list[Path], *,
+    role: str, progress: Progress | None, relay: RelayClient | None, now: int,
+) -> tuple[core.SentEnvelope, list[tuple[str, str]]]:
+    async with _exclusive(home):
+        return await _respond_locked(home, keys, case_id, kind, fields, files, role=role, progress=progress,
+                                     relay=relay, now=now)
+
+
+async def _respond_locked(
     home: Home, keys: DeviceKeys, case_id: str, kind: str, fields: dict[str, Any], files: list[Path], *,
     role: str, progress: Progress | None, relay: RelayClient | None, now: int,
 ) -> tuple[core.SentEnvelope, list[tuple[str, str]]]:
@@ -390,6 +483,9 @@ async def _respond(
     profile = core._session(home)  # noqa: SLF001
     body = {"author": _author(profile, answering=role == "requis"), **fields}
     paths, folder, warnings = _prepare_files(home, case_id, files)
+    if kind == "complement" and not fields.get("text", "").strip() and not paths:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CaseError("a complement needs a text or files", fr="un complément contient un texte ou des fichiers")
     try:
         async with core._relay(home, profile, keys, relay) as r:  # noqa: SLF001
             await core.mark_read(home, keys, view.unread, relay=r)  # answering is reading
@@ -438,7 +534,7 @@ def _logged_time(home: Home, envelope_id: str) -> int | None:
 
 def _summary(kind: str, body: dict[str, Any]) -> str:
     key = {"request": "question", "complement_request": "missing", "complement": "text", "avis": "avis",
-           "refus": "reason", "presentiel": "orientation"}[kind]
+           "refus": "reason", "presentiel": "orientation"}.get(kind, "text")
     text = str(body.get(key, ""))
     return text if len(text) <= 300 else text[:297] + "…"
 
@@ -461,14 +557,21 @@ def report(home: Home, case_id: str, *, now: int, out: Path | None = None) -> Pa
     final = next(e for e in reversed(view.envelopes) if e["kind"] in ("avis", "refus", "presentiel"))
     request_at, answer_at = _logged_time(home, request["id"]), _logged_time(home, final["id"])
     incidents = [{"at": i["at"], "text": i["text_fr"]} for i in home.incidents(case_id)]
+    incidents += [{"at": _at(e), "text": f"pli {e['id'][:12]} hors de l'échange (expéditeur ou type inattendu), "
+                                         "conservé sans effet sur le dossier"} for e in view.foreign]
+    incidents += [{"at": now, "text": f"déclaration de réponse au pli {original[:12]} en attente d'envoi au relais"}
+                  for original, _answer in home.pending_statements()
+                  if original in {e["id"] for e in view.envelopes}]
     incidents += [{"at": _at(e), "text": f"pas de reçu signé du relais pour le pli {e['id'][:12]}"}
                   for e in view.envelopes if _logged_time(home, e["id"]) is None]
     asks = [e for e in view.envelopes if e["kind"] in ("request", "complement")]
-    for ask, nxt in zip(asks, [*asks[1:], None], strict=True):
-        answered = next((e for e in view.envelopes if e["kind"] in ANSWER_KINDS and _at(e) >= _at(ask)
-                         and (nxt is None or _at(e) <= _at(nxt))), None)
-        if answered and _at(answered) > _at(ask) + DEADLINE:
-            incidents.append({"at": _at(answered), "text": "réponse reçue après le délai de 7 jours"})
+    for ask in asks:
+        answered = next((e for e in view.envelopes if e.get("in_reply_to") == ask["id"] and e["kind"] in ANSWER_KINDS),
+                        None)
+        asked_at = _logged_time(home, ask["id"]) or _at(ask)
+        answered_at = (_logged_time(home, answered["id"]) or _at(answered)) if answered else None
+        if answered_at is not None and answered_at > asked_at + DEADLINE:
+            incidents.append({"at": answered_at, "text": "réponse reçue après le délai de 7 jours"})
     author = final["body"].get("author", {})
     req_author = request["body"].get("author", {})
     data: dict[str, Any] = {
@@ -510,8 +613,20 @@ def report(home: Home, case_id: str, *, now: int, out: Path | None = None) -> Pa
 # -- billing ------------------------------------------------------------------------------------
 
 
-def _patient_key(p: dict[str, Any]) -> str:
-    return str(p.get("ins") or f"{p.get('family_name', '')}|{p.get('given_names', '')}|{p.get('birth_date', '')}")
+def _identity(p: dict[str, Any]) -> str:
+    return f"{p.get('family_name', '')}|{p.get('given_names', '')}|{p.get('birth_date', '')}".casefold()
+
+
+def _patient_keyer(views: list[CaseView]) -> Callable[[dict[str, Any]], str]:
+    """One key per patient, whether or not each request carried the INS: a request without it
+    is matched to the INS of another request with the same names and birth date, so the
+    yearly limit cannot be missed by leaving the INS out once."""
+    ins_of = {_identity(v.patient): v.patient["ins"] for v in views if v.patient.get("ins")}
+
+    def key(p: dict[str, Any]) -> str:
+        return str(p.get("ins") or ins_of.get(_identity(p)) or _identity(p))
+
+    return key
 
 
 def acts(home: Home, *, now: int, zone: str = "metropole") -> list[billing.Act]:
@@ -519,7 +634,9 @@ def acts(home: Home, *, now: int, zone: str = "metropole") -> list[billing.Act]:
     orientation (a refusal or a pending case is not an act), dated by the answer's log time."""
     profile = core._session(home)  # noqa: SLF001
     out: list[billing.Act] = []
-    for v in list_cases(home, now=now):
+    views = list_cases(home, now=now)
+    patient_key = _patient_keyer(views)
+    for v in views:
         if v.state not in (CaseState.ANSWERED, CaseState.ORIENTED):
             continue
         request = next(e for e in v.envelopes if e["kind"] == "request")
@@ -534,7 +651,7 @@ def acts(home: Home, *, now: int, zone: str = "metropole") -> list[billing.Act]:
         out.append(billing.Act(
             case_id=v.case_id, role="requerant" if v.role == "requerant" else "requis",
             act_date=dt.datetime.fromtimestamp(answered, PARIS).date(),
-            patient_key=_patient_key(v.patient), patient_label=v.patient_label,
+            patient_key=patient_key(v.patient), patient_label=v.patient_label,
             requerant_rpps=requerant[0], requerant_name=requerant[1],
             requis_rpps=requis[0], requis_name=requis[1], zone=zone,
             requerant_profession=request["body"].get("author", {}).get("profession", "10"),
@@ -546,11 +663,13 @@ def limit_warning(
     home: Home, patient: dict[str, Any], requis_rpps: str, *, now: int, requis_name: str | None = None,
 ) -> billing.LimitWarning | None:
     """Warn, when a request is prepared, that it would exceed the 4 acts a year per patient and requis."""
-    key = _patient_key(patient)
+    views = list_cases(home, now=now)
+    patient_key = _patient_keyer(views)
+    key = patient_key(patient)
     pending = sum(
-        1 for v in list_cases(home, now=now)
+        1 for v in views
         if v.role == "requerant" and v.state not in FINAL_STATES and v.counterpart.get("rpps") == requis_rpps
-        and _patient_key(v.patient) == key
+        and patient_key(v.patient) == key
     )
     today = dt.datetime.fromtimestamp(now, PARIS).date()
     return billing.limit_warning(acts(home, now=now), patient_key=key, requis_rpps=requis_rpps,

@@ -167,14 +167,24 @@ def enroll(c: Ctx, url: str, code: str) -> None:
 
 
 @cli.command()
+@click.option("--adeli", help="Record your ADELI number (nurses, physiotherapists, orthoptists, speech "
+                              "therapists, podiatrists: it goes into your requests and billing).")
 @pass_ctx
-def whoami(c: Ctx) -> None:
+def whoami(c: Ctx, adeli: str | None) -> None:
     """Show this device's practitioner, relay and fingerprint (to read aloud to a colleague)."""
     keys = c.keys()
     p = c.home.profile()
+    if adeli is not None:
+        from dataclasses import replace  # noqa: PLC0415
+
+        from protocol.ids import check_adeli  # noqa: PLC0415
+
+        p = replace(p, adeli=check_adeli(adeli))
+        c.home.save_profile(p)
     fp = keys.public().fingerprint
     emit(c.json, {**asdict(p), "fingerprint": fp},
-         f"{p.name or '-'}  RPPS {p.rpps or '-'}\n{tr('Relais', 'Relay')}: {p.relay or '-'}\n"
+         f"{p.name or '-'}  RPPS {p.rpps or '-'}{f'  ADELI {p.adeli}' if p.adeli else ''}\n"
+         f"{tr('Relais', 'Relay')}: {p.relay or '-'}\n"
          f"{tr('Appareil', 'Device')}: {keys.device_id.hex()}\n{tr('Empreinte', 'Fingerprint')}: {fp}")
 
 

@@ -20,7 +20,7 @@ import click
 from client import billing, cases
 from client.caseform import build_body, load_case_file, prepare_request
 from client.cli import Ctx, cli, pass_ctx, run
-from client.ui import emit, lang, tr
+from client.ui import clean, emit, lang, tr
 from protocol import ids
 
 PARIS = cases.PARIS
@@ -151,6 +151,8 @@ def case_new(c: Ctx, from_file: Path | None, to: str | None, dry_run: bool, yes:
         base = from_file.parent
     elif (interactive or sys.stdin.isatty()) and not c.json:
         data, more = _interactive(to)
+        if not profile.adeli and ids.check_profession(profile.profession or "10").uses_adeli:
+            data["requerant"] = {"adeli": _ask("Votre numéro ADELI", "Your ADELI number", ids.check_adeli)}
         base = Path()
     else:
         raise click.UsageError(tr("sans terminal, donnez un fichier de cas : --from cas.yaml",
@@ -235,8 +237,8 @@ def cases_(c: Ctx, offline: bool, only_open: bool) -> None:
     for v in views:
         who = tr("de", "from") if v.role == "requis" else tr("à", "to")
         mark = "!" if v.overdue else ("*" if v.unread else " ")
-        line = (f"{mark} {v.case_id[:12]}  {_status(v.status):<22} {v.patient_label[:32]:<32}  "
-                f"{who} {v.counterpart.get('name', '')[:24]:<24}  {v.motif[:30]:<30}  {_due(v, now)}")
+        line = (f"{mark} {v.case_id[:12]}  {_status(v.status):<22} {clean(v.patient_label)[:32]:<32}  "
+                f"{who} {clean(v.counterpart.get('name', ''))[:24]:<24}  {clean(v.motif)[:30]:<30}  {_due(v, now)}")
         if v.urgency == "urgent":
             line += tr("  URGENT", "  URGENT")
         lines.append(click.style(line, fg="red") if v.overdue and sys.stdout.isatty() else line)
@@ -256,11 +258,11 @@ def _body_lines(kind: str, body: dict[str, Any]) -> list[str]:
                  ("follow_up", "Suivi", "Follow-up")],
         "refus": [("reason", "Motif du refus", "Reason for refusal")],
         "presentiel": [("orientation", "Orientation", "Orientation")],
-    }[kind]
-    out = [f"    {tr(fr, en)} : {str(body.get(k, '')).replace(chr(10), chr(10) + '      ')}"
+    }.get(kind, [("text", "Texte", "Text")])
+    out = [f"    {tr(fr, en)} : {clean(body.get(k, '')).replace(chr(10), chr(10) + '      ')}"
            for k, fr, en in fields if body.get(k)]
     for i, p in enumerate(body.get("prescriptions") or [], start=1):
-        out.append(f"    {tr('Prescription', 'Prescription')} {i} : {p}")
+        out.append(f"    {tr('Prescription', 'Prescription')} {i} : {clean(p)}")
     if kind == "presentiel" and body.get("urgency") == "urgent":
         out.append("    " + tr("Consultation URGENTE", "URGENT consultation"))
     return out
@@ -287,14 +289,14 @@ def case_show(c: Ctx, case_id: str) -> None:
     urgency = tr("urgente", "urgent") if v.urgency == "urgent" else tr("normale", "routine")
     lines = [
         f"{tr('Dossier', 'Case')} {v.case_id}  —  {_status(v.status)}  {_due(v, now)}",
-        (f"  {tr('Patient', 'Patient')} : {v.patient_label}  {tr('sexe', 'sex')} {p.get('sex', '-')}"
-         f"  INS {p.get('ins', tr('non renseigné', 'not given'))}"),
-        (f"  {tr('Rôle', 'Role')} : {role}, {tr('avec', 'with')} {v.counterpart.get('name', '')} "
+        (f"  {tr('Patient', 'Patient')} : {clean(v.patient_label)}  {tr('sexe', 'sex')} {clean(p.get('sex', '-'))}"
+         f"  INS {clean(p.get('ins', tr('non renseigné', 'not given')))}"),
+        (f"  {tr('Rôle', 'Role')} : {role}, {tr('avec', 'with')} {clean(v.counterpart.get('name', ''))} "
          f"(RPPS {v.counterpart.get('rpps', '')})"),
         f"  {tr('Urgence', 'Urgency')} : {urgency}",
     ]
     for e in v.envelopes:
-        author = tr("vous", "you") if e["direction"] == "sent" else e["peer_name"]
+        author = tr("vous", "you") if e["direction"] == "sent" else clean(e["peer_name"])
         proofs = ", ".join(sorted(e["receipts"])) or tr("aucun reçu", "no receipt")
         lines.append(f"- {_day(e['relay_received_at'] or e['created'])}  {_kind(e['kind'])}  ({author})  "
                      f"[{tr('preuves', 'proofs')} : {proofs}]")
@@ -302,7 +304,7 @@ def case_show(c: Ctx, case_id: str) -> None:
         if e.get("folder"):
             lines.append(f"    {tr('Fichiers', 'Files')} : {e['folder']}")
     for a in v.anomalies:
-        lines.append(click.style(f"! {a}", fg="yellow"))
+        lines.append(click.style(f"! {clean(a)}", fg="yellow"))
     if not signed:
         lines.append(tr("! Relais injoignable : la lecture sera signée à la prochaine connexion.",
                         "! Relay unreachable: the reading will be signed at the next connection."))
@@ -436,6 +438,7 @@ def billing_(c: Ctx, month: str, as_csv: bool, zone: str) -> None:
                                     "write the month as YYYY-MM, e.g. 2026-11"), param_hint="--month") from e
     lines = billing.billing_lines(cases.acts(c.home, now=_now(), zone=zone), month=(year, mon))
     if as_csv:
+        sys.stdout.write("\ufeff")  # a BOM: French Excel reads the accents right
         billing.write_csv(lines, sys.stdout)
         return
     emit(c.json, {"month": month, "zone": zone, "total_cents": billing.total_cents(lines),

@@ -30,7 +30,7 @@ from protocol import age, note
 from protocol.bundle import BundleReader, FileEntry, Manifest, Sender, check_file_name, sign_manifest, write_bundle
 from protocol.envelope import MAX_PREFIX, EnvelopeHeader, SignedHeader, seal_header, split_prefix
 from protocol.errors import BundleError, DecodeError, NotARecipientError, PliError
-from protocol.ids import check_rpps
+from protocol.ids import InvalidIdentifier, check_profession, check_rpps
 from protocol.keys import DeviceKeys, DevicePublic
 from protocol.logentry import EntryType, sign_answered, sign_read
 
@@ -61,6 +61,7 @@ class SentEnvelope:
     size: int
     received_at: int | None
     first_contacts: list[str] = field(default_factory=list)
+    statement_pending: bool = False  # the signed "answered" statement waits for the next sync
 
 
 @dataclass
@@ -535,7 +536,7 @@ async def _find(r: RelayClient, envelope_id: str) -> dict[str, Any]:
     raise ClientError(f"{envelope_id!r} matches {len(matches)} envelopes: type more characters")
 
 
-async def open_envelope(
+async def open_envelope(  # noqa: C901, PLR0915 - the checks of SPEC.md §6.2, in order, then filing
     home: Home,
     keys: DeviceKeys,
     envelope_id: str,
@@ -569,7 +570,7 @@ async def open_envelope(
         # Read the pins before the directory call below updates them (a device revoked
         # since it sent is dropped from the pins there, and must still be recognised).
         pinned = home.trusted_ever(dev_info["rpps"])
-        _info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
+        info, devices, first = await practitioner_devices(r, home, dev_info["rpps"])
         # The sender must be a device we trust for that practitioner: listed now (and
         # matching our pins, checked above), or pinned earlier with these very keys (a
         # device revoked since it sent). Never on the relay's word alone: a relay could
@@ -586,39 +587,49 @@ async def open_envelope(
             opened = await asyncio.to_thread(
                 _decrypt_bundle, home, keys, signed, header, sender, age_path
             )
-            if opened.manifest.sender.rpps != dev_info["rpps"]:
+            problem = _claims_problem(opened.manifest, dev_info["rpps"], info)
+            if problem:
                 shutil.rmtree(opened.folder, ignore_errors=True)
-                raise BundleError("the bundle claims another practitioner than the sending device's")
-        except PliError:
+                raise BundleError(problem)
+        except PliError as e:
             _set_aside(prefix_path, age_path)
+            home.reject(eid.hex(), e.code, str(e))  # kept as evidence, never downloaded again
             raise
-        # Opened and verified: say so, signed, in the log (the read receipt travels back to
-        # the sender through it), then acknowledge delivery so the relay may delete it.
-        read_at = await _sign_read(home, keys, r, eid, signed.envelope_hash) if mark_read else None
+        # Opened and verified: file it at once (so nothing acknowledged can go missing), then
+        # say so, signed, in the log if asked (the read receipt travels back to the sender),
+        # and acknowledge delivery so the relay may delete it.
+        m = opened.manifest
+        name = str(info.get("name") or m.sender.name)  # the directory's name, not the sender's claim
+        result = OpenedEnvelope(
+            envelope_id=eid.hex(), case_id=m.case_id.hex(), kind=m.kind, sender_rpps=m.sender.rpps,
+            sender_name=name, sender_fingerprint=sender.fingerprint, created=m.created,
+            relay_received_at=entry.get("received_at"), folder=str(opened.folder),
+            body={k: (v.hex() if isinstance(v, bytes) else v) for k, v in m.body.items()},
+            files=[{"name": f.name, "type": f.media_type, "size": f.size, "sha256": f.sha256.hex()} for f in m.files],
+            first_contact=first,
+        )
+        home.record(
+            id=eid.hex(), case_id=m.case_id.hex(), direction="received", kind=m.kind,
+            peer_rpps=m.sender.rpps, peer_name=name, subject=str(m.body.get("motif", "")),
+            created=m.created, relay_received_at=entry.get("received_at"), opened_at=_now(),
+            in_reply_to=m.body["in_reply_to"].hex() if "in_reply_to" in m.body else None,
+            folder=str(opened.folder), body=body_json(m.body), read_at=None,
+        )
+        atomic_write(opened.folder / "envelope.json",
+                     json.dumps(result.__dict__, indent=2, ensure_ascii=False).encode())
+        if mark_read:
+            await _sign_read(home, keys, r, eid, signed.envelope_hash)
         if acknowledge:
             acked = await r.ack(eid)
             await logstate.store_receipt(home, r, eid.hex(), acked["receipt"])
         # Keep the log's evidence of this envelope (its submission) and, for an answer, of
         # the question's fate (delivered, read, answered): an audit export then works offline.
-        await refresh_receipts(home, r, [eid] + ([opened.manifest.body["in_reply_to"]]
-                                                  if "in_reply_to" in opened.manifest.body else []))
-    m = opened.manifest
-    result = OpenedEnvelope(
-        envelope_id=eid.hex(), case_id=m.case_id.hex(), kind=m.kind, sender_rpps=m.sender.rpps,
-        sender_name=m.sender.name, sender_fingerprint=sender.fingerprint, created=m.created,
-        relay_received_at=entry.get("received_at"), folder=str(opened.folder),
-        body={k: (v.hex() if isinstance(v, bytes) else v) for k, v in m.body.items()},
-        files=[{"name": f.name, "type": f.media_type, "size": f.size, "sha256": f.sha256.hex()} for f in m.files],
-        first_contact=first,
-    )
-    home.record(
-        id=eid.hex(), case_id=m.case_id.hex(), direction="received", kind=m.kind,
-        peer_rpps=m.sender.rpps, peer_name=m.sender.name, subject=str(m.body.get("motif", "")),
-        created=m.created, relay_received_at=entry.get("received_at"), opened_at=_now(),
-        in_reply_to=m.body["in_reply_to"].hex() if "in_reply_to" in m.body else None,
-        folder=str(opened.folder), body=body_json(m.body), read_at=read_at,
-    )
-    atomic_write(opened.folder / "envelope.json", json.dumps(result.__dict__, indent=2, ensure_ascii=False).encode())
+        # Best effort: an answer naming an envelope this device may not query loses nothing.
+        try:
+            await refresh_receipts(home, r, [eid] + ([m.body["in_reply_to"]] if "in_reply_to" in m.body else []))
+        except PliError as e:
+            if e.code in ("log_alarm", "relay_unreachable"):
+                raise
     return result
 
 
@@ -666,6 +677,21 @@ async def _download(
     if not prefix_path.exists():
         raise DecodeError("the relay sent less than an envelope header")
     part.replace(age_path)
+
+
+def _claims_problem(m: Manifest, rpps: str, directory: dict[str, Any]) -> str | None:
+    """What a verified bundle claims that its sender's directory entry contradicts, if anything:
+    a signed bundle could otherwise pass a nurse's avis off as a médecin's."""
+    if m.sender.rpps != rpps:
+        return "the bundle claims another practitioner than the sending device's"
+    claimed = m.body.get("author", {}).get("profession") if isinstance(m.body.get("author"), dict) else None
+    try:
+        listed = check_profession(str(directory.get("profession", ""))).code
+    except InvalidIdentifier:
+        return f"the directory lists an unknown profession for RPPS {rpps}"
+    if claimed != listed:
+        return f"the bundle claims the profession {claimed!r}; the directory lists {listed!r} for RPPS {rpps}"
+    return None
 
 
 def _set_aside(*paths: Path) -> None:
@@ -803,13 +829,35 @@ async def reply(
             body={**body, "in_reply_to": bytes.fromhex(original["id"])},
             files=files, case_id=bytes.fromhex(original["case_id"]), progress=progress, relay=r,
         )
-        # The answered receipt: this device signs that its envelope answers the original.
-        answered_at = _now()
-        question, answer = _envelope_hash(home, original["id"]), _envelope_hash(home, sent.envelope_id)
-        result = await r.answered(bytes.fromhex(original["id"]), bytes.fromhex(sent.envelope_id), answered_at,
-                                  sign_answered(keys.signing_key, question, answer, answered_at))
-        await logstate.store_receipt(home, r, original["id"], result["receipt"])
+        # The answered receipt: this device signs that its envelope answers the original. The
+        # answer is already delivered: if the relay cannot take the statement now, it is kept
+        # and sent again at the next sync (the relay logs it once, whatever the retries).
+        home.set_pending_statement(original["id"], sent.envelope_id, pending=True)
+        try:
+            await _send_statement(home, keys, r, original["id"], sent.envelope_id)
+        except PliError as e:
+            if e.code != "relay_unreachable":
+                raise
+            sent.statement_pending = True
     return sent
+
+
+async def _send_statement(home: Home, keys: DeviceKeys, r: RelayClient, original: str, answer: str) -> None:
+    answered_at = _now()
+    question, answer_hash = _envelope_hash(home, original), _envelope_hash(home, answer)
+    result = await r.answered(bytes.fromhex(original), bytes.fromhex(answer), answered_at,
+                              sign_answered(keys.signing_key, question, answer_hash, answered_at))
+    await logstate.store_receipt(home, r, original, result["receipt"])
+    home.set_pending_statement(original, answer, pending=False)
+
+
+async def send_pending_statements(home: Home, keys: DeviceKeys, r: RelayClient) -> int:
+    """Send the "answered" statements an interrupted answer left behind; returns how many."""
+    done = 0
+    for original, answer in home.pending_statements():
+        await _send_statement(home, keys, r, original, answer)
+        done += 1
+    return done
 
 
 def _envelope_hash(home: Home, envelope_id: str) -> bytes:

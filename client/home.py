@@ -115,6 +115,17 @@ CREATE TABLE IF NOT EXISTS incidents (
     text_fr TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS incidents_case ON incidents(case_id, at);
+CREATE TABLE IF NOT EXISTS rejected (
+    id TEXT PRIMARY KEY,   -- an envelope that failed verification: set aside, never fetched again
+    at INTEGER NOT NULL,
+    code TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_statements (
+    original TEXT NOT NULL,  -- an answered statement the relay did not take yet: sent again at sync
+    answer TEXT NOT NULL,
+    PRIMARY KEY (original, answer)
+);
 CREATE TABLE IF NOT EXISTS case_meta (
     case_id TEXT PRIMARY KEY,
     closed_at INTEGER,
@@ -245,7 +256,10 @@ class Home:
     @contextmanager
     def store(self) -> Iterator[sqlite3.Connection]:
         self.root.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.root / "store.sqlite3")
+        path = self.root / "store.sqlite3"
+        if not path.exists():
+            path.touch(mode=0o600)  # patients' data: this user only, like every file here
+        db = sqlite3.connect(path)
         try:
             db.executescript(_STORE_SCHEMA)
             have = {r[1] for r in db.execute("PRAGMA table_info(envelopes)")}
@@ -292,8 +306,29 @@ class Home:
 
     def close_case(self, case_id: str, at: int, report: str) -> None:
         with self.store() as db:
-            db.execute("INSERT OR REPLACE INTO case_meta (case_id, closed_at, report) VALUES (?, ?, ?)",
+            db.execute("INSERT INTO case_meta (case_id, closed_at, report) VALUES (?, ?, ?) "
+                       "ON CONFLICT (case_id) DO UPDATE SET report = excluded.report",  # closed once
                        (case_id, at, report))
+
+    def reject(self, envelope_id: str, code: str, reason: str) -> None:
+        with self.store() as db:
+            db.execute("INSERT OR REPLACE INTO rejected (id, at, code, reason) VALUES (?, ?, ?, ?)",
+                       (envelope_id, int(time.time()), code, reason))
+
+    def rejected(self) -> dict[str, dict[str, Any]]:
+        with self.store() as db:
+            return {r["id"]: dict(r) for r in db.execute("SELECT * FROM rejected")}
+
+    def pending_statements(self) -> list[tuple[str, str]]:
+        with self.store() as db:
+            return [(r[0], r[1]) for r in db.execute("SELECT original, answer FROM pending_statements")]
+
+    def set_pending_statement(self, original: str, answer: str, *, pending: bool) -> None:
+        with self.store() as db:
+            if pending:
+                db.execute("INSERT OR IGNORE INTO pending_statements VALUES (?, ?)", (original, answer))
+            else:
+                db.execute("DELETE FROM pending_statements WHERE original = ? AND answer = ?", (original, answer))
 
     def mark_read(self, envelope_id: str, at: int) -> None:
         with self.store() as db:

@@ -14,7 +14,7 @@ from typing import Any
 
 from protocol.errors import PliError
 
-__all__ = ["Progress", "emit", "error_text", "lang", "tr"]
+__all__ = ["Progress", "clean", "emit", "error_text", "lang", "tr"]
 
 
 def lang() -> str:
@@ -80,6 +80,14 @@ def error_text(e: PliError) -> str:
     head = tr(*advice) if advice else ""
     detail = str(getattr(e, "message_fr", "") or e.message) if lang() == "fr" else e.message
     return f"{head}\n  {detail}" if head and detail and detail != head else (head or detail)
+
+
+_CONTROL = {c: None for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x0A, 0x09)}
+
+
+def clean(text: object) -> str:
+    """Text from a colleague's signed envelope, safe to print: no terminal control codes."""
+    return str(text).translate(_CONTROL)
 
 
 def emit(as_json: bool, data: dict[str, Any] | list[Any], text: str) -> None:

@@ -226,7 +226,7 @@ def _file_ref(name: object, where: str, files: Mapping[str, str], media: str | N
         raise DecodeError(f"{where} must be a {media} file")
 
 
-def _request(b: _Body, files: Mapping[str, str]) -> None:  # noqa: C901 - one check per field, in SPEC order
+def _request(b: _Body, files: Mapping[str, str]) -> None:  # noqa: C901, PLR0912 - one check per field, in SPEC order
     k = "request body"
     requis = b.map_(b.body, "requis", k, {"rpps", "name", "specialty"})
     b.seen.add("requis")
@@ -282,15 +282,18 @@ def _request(b: _Body, files: Mapping[str, str]) -> None:  # noqa: C901 - one ch
             raise DecodeError("request body: thumbnails must be a map")
         for photo, thumb in thumbs.items():
             _file_ref(photo, "request body: a thumbnail's photo", files)
+            if not files[photo].startswith("image/"):
+                raise DecodeError("request body: a thumbnail's photo must be an image/* file")
             _file_ref(thumb, "request body: a thumbnail", files, "image/jpeg")
 
 
-def _answer(b: _Body) -> None:
+def _answer(b: _Body, files: Mapping[str, str]) -> None:
     k = f"{b.kind} body"
     _in_reply_to(b)
     if b.kind == "complement":
         b.seen.add("text")
-        b.text(b.body, "text", k)
+        if not (b.text(b.body, "text", k) or "").strip() and not files:
+            raise DecodeError(f"{k}: a complement carries a text or files")
     elif b.kind == "complement_request":
         b.seen.add("missing")
         b.text(b.body, "missing", k, non_empty=True)
@@ -336,5 +339,5 @@ def check_body(kind: str, body: object, *, sender_rpps: str, files: Mapping[str,
     if kind == "request":
         _request(b, files)
     else:
-        _answer(b)
+        _answer(b, files)
     b.done()

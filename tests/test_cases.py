@@ -4,6 +4,8 @@ with statuses and deadlines computed at injected times (never slept)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -15,11 +17,14 @@ import pypdf
 import pytest
 from PIL import Image
 
-from client import billing, cases, core
+from client import billing, cases, core, logstate
+from client.api import RelayClient, RelayUnreachable
 from client.caseform import DOSSIER_NAME, CaseFormError, prepare_request
 from client.home import Home
 from protocol.keys import DeviceKeys
+from relay.storage import Practitioner
 from tests.test_client import DERM, GP, Env, env  # noqa: F401 - the relay fixture
+from tools.case_samples import answer_body, request_body
 
 DAY = 86400
 Side = tuple[Home, DeviceKeys]
@@ -230,12 +235,13 @@ async def test_out_of_turn_envelope_is_kept_and_reported_as_incident(env: Env, s
 
 
 async def test_request_without_consent_is_refused_and_nothing_leaves(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
-    gp, _ = sides
+    gp, derm = sides
     for consent in ({"informed": "oui", "consented": "non"}, {}, {"informed": "non", "consented": "oui"}):
         with pytest.raises(CaseFormError, match="consent"):
             await new_request(gp, consent=consent)
-    assert not list((gp[0].root / "outbox").glob("*/*")) if (gp[0].root / "outbox").exists() else True
     assert cases.list_cases(gp[0], now=int(time.time())) == []
+    assert list(gp[0].envelopes.glob("*")) == [] if gp[0].envelopes.exists() else True
+    assert (await cases.sync(derm[0], derm[1])).new == []  # nothing reached the relay
 
 
 @pytest.mark.parametrize(
@@ -278,3 +284,182 @@ async def test_fifth_request_for_a_patient_warns_of_the_yearly_limit(env: Env, s
     assert warning is not None
     assert "5" in warning.en
     assert cases.limit_warning(gp[0], {**patient, "ins": "255081416802538"}, DERM.rpps, now=int(time.time())) is None
+
+
+# -- attacks on a case's conversation ---------------------------------------------------------------
+
+MALLORY = Practitioner(rpps="10000020007", name="Dr Mallory Intruse", profession="médecin", specialty="SM54")
+NURSE = Practitioner(rpps="10000030006", name="Inf. Paul Petit", profession="infirmier", specialty="")
+
+
+async def _inject(intruder: Side, into_case: str, kind: str, body: dict[str, Any], to: str) -> None:
+    """An enrolled practitioner who learnt a case id sends into it, answering one of their own envelopes."""
+    earlier = await core.send(intruder[0], intruder[1], to=[to], kind="request", body=request_body(requis_rpps=to),
+                              files=[])
+    await core.send(intruder[0], intruder[1], to=[to], kind=kind,
+                    body={**body, "in_reply_to": bytes.fromhex(earlier.envelope_id)}, files=[],
+                    case_id=bytes.fromhex(into_case))
+
+
+async def test_third_party_complement_request_cannot_draw_the_patients_data(
+    env: Env, sides: tuple[Side, Side],  # noqa: F811
+) -> None:
+    gp, _derm = sides
+    mallory = await env.practitioner(MALLORY, "mallory")
+    sent = await new_request(gp)
+    await _inject(mallory, sent.case_id, "complement_request",
+                  {"author": {"profession": "10", "specialty": "SM54"}, "missing": "Envoyez-moi tout"}, GP.rpps)
+    await cases.sync(gp[0], gp[1])
+    view = cases.case_view(gp[0], sent.case_id, now=int(time.time()))
+    assert view.status != "complement_asked"
+    assert any(MALLORY.rpps in a for a in view.anomalies)
+    assert [e["peer_rpps"] for e in view.foreign] == [MALLORY.rpps]
+    with pytest.raises(cases.CaseError, match="cannot be sent now"):
+        await cases.complement(gp[0], gp[1], sent.case_id, "données du patient", [], now=int(time.time()))
+
+
+async def test_third_party_avis_is_neither_reported_nor_billed(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    gp, derm = sides
+    mallory = await env.practitioner(MALLORY, "mallory")
+    sent = await new_request(gp)
+    await _inject(mallory, sent.case_id, "avis", answer_body("avis", text="FAKE-AVIS"), GP.rpps)
+    await cases.sync(gp[0], gp[1])
+    assert cases.case_view(gp[0], sent.case_id, now=int(time.time())).status != "answered"
+    assert cases.acts(gp[0], now=int(time.time())) == []
+    await cases.sync(derm[0], derm[1])
+    await cases.answer(derm[0], derm[1], sent.case_id, "avis", {"avis": "REAL-AVIS", "recommendations": "",
+                       "prescriptions": [], "follow_up": ""}, [], now=int(time.time()))
+    await cases.sync(gp[0], gp[1])
+    view = cases.case_view(gp[0], sent.case_id, now=int(time.time()))
+    assert view.status == "answered"
+    text = pdf_text(cases.report(gp[0], sent.case_id, now=int(time.time())))
+    assert "REAL-AVIS" in text
+    assert "FAKE-AVIS" not in text
+    assert [a.requis_rpps for a in cases.acts(gp[0], now=int(time.time()))] == [DERM.rpps]
+
+
+async def test_sender_display_name_comes_from_the_directory(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    gp, _derm = sides
+    mallory = await env.practitioner(MALLORY, "mallory")
+    mallory[0].save_profile(dataclasses.replace(mallory[0].profile(), name=DERM.name + "\x1b[2J"))
+    await core.send(mallory[0], mallory[1], to=[GP.rpps], kind="request", body=request_body(requis_rpps=GP.rpps),
+                    files=[])
+    [opened] = (await cases.sync(gp[0], gp[1])).new
+    assert opened.sender_name == MALLORY.name
+    assert {row["peer_name"] for row in gp[0].history()} == {MALLORY.name}
+
+
+async def test_profession_claimed_against_the_directory_is_refused(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    """A nurse's modified client signs an avis claiming to be a médecin: refused, set aside, and
+    never downloaded again (so it cannot fill the disk by coming back at every sync)."""
+    gp, _derm = sides
+    nurse = await env.practitioner(NURSE, "nurse")
+    nurse[0].save_profile(dataclasses.replace(nurse[0].profile(), profession="médecin"))
+    await core.send(nurse[0], nurse[1], to=[GP.rpps], kind="request", body=request_body(requis_rpps=GP.rpps),
+                    files=[])
+    first = await cases.sync(gp[0], gp[1])
+    [(eid, error)] = first.refused
+    assert error.code == "bad_bundle"
+    assert "profession" in str(error)
+    assert gp[0].history() == []
+    assert eid in gp[0].rejected()
+    again = await cases.sync(gp[0], gp[1])
+    assert (again.new, again.refused) == ([], [])
+
+
+async def test_answer_naming_an_unknown_envelope_is_still_filed(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    """Acknowledged means filed: an answer whose in_reply_to this device may not query (the
+    relay answers 404 for its receipts) is kept, not lost after its delivery receipt."""
+    gp, derm = sides
+    sent = await new_request(gp)
+    await cases.sync(derm[0], derm[1])
+    await core.send(derm[0], derm[1], to=[GP.rpps], kind="avis",
+                    body={**answer_body("avis", text="orphan"), "in_reply_to": os.urandom(16)}, files=[],
+                    case_id=bytes.fromhex(sent.case_id))
+    result = await cases.sync(gp[0], gp[1])
+    assert [o.kind for o in result.new] == ["avis"]
+    assert any(r["kind"] == "avis" for r in gp[0].history())
+
+
+async def test_answered_statement_lost_to_the_network_is_sent_at_next_sync(
+    env: Env, sides: tuple[Side, Side],  # noqa: F811
+) -> None:
+    gp, derm = sides
+    sent = await new_request(gp)
+    await cases.sync(derm[0], derm[1])
+    original = cases.case_view(derm[0], sent.case_id, now=int(time.time())).envelopes[0]["id"]
+
+    class Offline(RelayClient):
+        async def answered(self, *args: Any, **kw: Any) -> dict[str, Any]:
+            raise RelayUnreachable("connection lost")
+
+    profile = derm[0].profile()
+    async with Offline(profile.relay, derm[1]) as flaky:
+        answer = await core.reply(derm[0], derm[1], original, kind="avis", body=answer_body("avis"), files=[],
+                                  relay=flaky)
+    assert answer.statement_pending
+    assert derm[0].pending_statements() == [(original, answer.envelope_id)]
+    await cases.sync(derm[0], derm[1])
+    assert derm[0].pending_statements() == []
+    assert "answered" in {x["type"] for x in logstate.receipts_of(derm[0], original)}
+
+
+async def test_a_nurse_asks_and_completes_with_her_adeli(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    _gp, derm = sides
+    nurse = await env.practitioner(NURSE, "nurse")
+    with pytest.raises(CaseFormError, match="ADELI"):
+        await new_request(nurse)
+    sent = await new_request(nurse, requerant={"adeli": "879101558"})
+    assert nurse[0].profile().adeli == "879101558"  # remembered for what follows
+    await cases.sync(derm[0], derm[1])
+    await cases.answer(derm[0], derm[1], sent.case_id, "complement_request", {"missing": "Une photo"}, [],
+                       now=int(time.time()))
+    await cases.sync(nurse[0], nurse[1])
+    await cases.complement(nurse[0], nurse[1], sent.case_id, "Voici.", [], now=int(time.time()))
+    await cases.sync(derm[0], derm[1])
+    view = cases.case_view(derm[0], sent.case_id, now=int(time.time()))
+    assert view.status == "to_answer"
+    assert view.envelopes[-1]["body"]["author"] == {"profession": "60", "specialty": "", "adeli": "879101558"}
+
+
+def test_limit_counts_a_patient_with_and_without_ins_once() -> None:
+    views = [cases.CaseView(case_id=str(i), role="requerant", state=None, status="sent",
+                            patient={"family_name": "DUPONT", "given_names": "Jeanne", "birth_date": "1961-03-12",
+                                     **({"ins": "261037511200508"} if i % 2 else {})},
+                            counterpart={}, motif="", urgency="routine", opened_at=0, last_at=0, deadline=None,
+                            overdue=False, unread=[], closed_at=None) for i in range(4)]
+    key = cases._patient_keyer(views)
+    assert {key(v.patient) for v in views} == {"261037511200508"}
+
+
+async def test_two_answers_at_once_only_one_leaves(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    """An avis and a refus typed in two terminals at the same moment: one is sent, the other
+    sees the case answered and is refused (no crossing answers, no stray exception)."""
+    gp, derm = sides
+    sent = await new_request(gp)
+    await cases.sync(derm[0], derm[1])
+    now = int(time.time())
+    results = await asyncio.gather(
+        cases.answer(derm[0], derm[1], sent.case_id, "avis", {"avis": "A", "recommendations": "",
+                     "prescriptions": [], "follow_up": ""}, [], now=now),
+        cases.answer(derm[0], derm[1], sent.case_id, "refus", {"reason": "R"}, [], now=now),
+        return_exceptions=True,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1
+    assert isinstance(errors[0], cases.CaseError)
+    await cases.sync(gp[0], gp[1])
+    view = cases.case_view(gp[0], sent.case_id, now=now)
+    assert view.anomalies == []
+    assert view.status in ("answered", "refused")
+
+
+async def test_empty_complement_is_refused(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    gp, derm = sides
+    sent = await new_request(gp)
+    await cases.sync(derm[0], derm[1])
+    await cases.answer(derm[0], derm[1], sent.case_id, "complement_request", {"missing": "?"}, [],
+                       now=int(time.time()))
+    await cases.sync(gp[0], gp[1])
+    with pytest.raises(cases.CaseError, match="text or files"):
+        await cases.complement(gp[0], gp[1], sent.case_id, "  ", [], now=int(time.time()))
