@@ -44,6 +44,12 @@ def mb_per_s(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6
 
 
+# A benchmark's load generator is a few devices sending as fast as they can: the per-device
+# abuse limits (rate, uploads in flight) would measure themselves, not the relay.
+UNLIMITED = {"PLI_RELAY_RATE_LIMIT": "1000000", "PLI_RELAY_RATE_BURST": "1000000",
+             "PLI_RELAY_MAX_UPLOADS_PER_DEVICE": "100000"}
+
+
 class BenchError(Exception):
     """Something a benchmark checks went wrong: the run fails (non-zero exit)."""
 
@@ -54,7 +60,7 @@ def start_server(
     """Start a server that prints its URL as its first stdout line."""
     with log.open("w") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **UNLIMITED, **(env or {})})
     assert proc.stdout is not None
     url = proc.stdout.readline().strip()
     if not url.startswith("http"):

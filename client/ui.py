@@ -34,10 +34,10 @@ _ADVICE: dict[str, tuple[str, str]] = {
     ),
     "device_exists": ("Cet appareil est déjà inscrit.", "This device is already enrolled."),
     "relay_unreachable": (
-        ("Le relais ne répond pas. Vérifiez la connexion puis relancez la commande (une réception interrompue "
-        "reprend où elle s'est arrêtée ; pour un envoi, vérifiez d'abord qu'il n'est pas déjà parti)."),
-        ("The relay does not answer. Check the connection, then run the command again (an interrupted download "
-        "resumes where it stopped; for a send, first check it did not already go through)."),
+        ("Le relais ne répond pas. Vérifiez la connexion. Un envoi interrompu est conservé et part au prochain "
+         "`pli cases` ; une réception interrompue reprend où elle s'est arrêtée."),
+        ("The relay does not answer. Check the connection. An interrupted send is kept and goes at the next "
+         "`pli cases`; an interrupted download resumes where it stopped."),
     ),
     "key_changed": (
         "ATTENTION : les clés de ce correspondant ont changé.",
@@ -68,6 +68,20 @@ _ADVICE: dict[str, tuple[str, str]] = {
         "This computer's clock is off by more than 5 minutes: set the time right.",
     ),
     "invalid_identifier": ("Identifiant invalide.", "Invalid identifier."),
+    "rate_limited": ("Le relais demande de ralentir : réessayez dans une minute.",
+                     "The relay asks to slow down: try again in a minute."),
+    "quota_exceeded": (
+        ("Votre espace sur le relais est plein de plis pas encore retirés par leurs destinataires : "
+         "attendez qu'ils les ouvrent, ou voyez l'administrateur du relais."),
+        ("Your space on the relay is full of envelopes their recipients have not fetched yet: wait for them "
+         "to open them, or ask the relay's administrator."),
+    ),
+    "storage_unavailable": (
+        "Le relais ne peut pas enregistrer pour l'instant (disque plein) : rien n'a été enregistré, réessayez plus tard.",
+        "The relay cannot store right now (disk full): nothing was recorded, try again later.",
+    ),
+    "unavailable": ("Le relais est surchargé : réessayez dans un instant.",
+                    "The relay is busy: try again in a moment."),
     "log_alarm": (
         "ALERTE : le journal du relais contredit ce que cet ordinateur a déjà vu ; il a pu réécrire l'historique.",
         "ALERT: the relay's log contradicts what this computer saw before; it may have rewritten history.",

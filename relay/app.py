@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,11 +28,12 @@ from protocol import httpsig
 from protocol.errors import AuthError, PliError
 from relay.blobs import BlobStore
 from relay.config import RelayConfig
-from relay.errors import RelayError
+from relay.errors import RelayError, storage_failure
+from relay.limits import BodyTimeout, Limits
 from relay.log import LogIntegrityError, TransparencyLog, open_log
 from relay.storage import Device, Storage
 
-__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LOG", "STORAGE", "create_app"]
+__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LIMITS", "LOG", "MONOTONIC", "STORAGE", "create_app"]
 
 log = structlog.get_logger("pli.relay")
 
@@ -39,6 +42,9 @@ STORAGE = web.AppKey("storage", Storage)
 BLOBS = web.AppKey("blobs", BlobStore)
 LOG = web.AppKey("log", TransparencyLog)
 CLOCK: web.AppKey[Callable[[], int]] = web.AppKey("clock")
+#: monotonic seconds, for rate limits (injectable: tests move it instead of sleeping)
+MONOTONIC: web.AppKey[Callable[[], float]] = web.AppKey("monotonic")
+LIMITS = web.AppKey("limits", Limits)
 
 
 @dataclass
@@ -98,14 +104,6 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = time.perf_counter()
     try:
         resp = await handler(request)
-    except RelayError as e:
-        resp = problem(e.status, e.code, e.message, **e.extra)
-    except LogIntegrityError as e:
-        # The log contradicts itself: refuse to vouch for anything until an operator looks.
-        log.critical("log_integrity", error=str(e), route=_route_name(request))
-        resp = problem(503, "log_integrity", "the relay's log failed an integrity check; nothing was recorded")
-    except PliError as e:
-        resp = problem(e.status, e.code, e.message)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -115,9 +113,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             resp.headers["Allow"] = e.headers["Allow"]
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception:
-        log.exception("internal_error", method=request.method, route=_route_name(request))
-        resp = problem(500, "internal", "the relay failed; the request was not applied")
+    except Exception as e:  # every refusal becomes problem+json (see _refusal)
+        resp = _refusal(request, e)
     device = request.get(DEVICE)
     log.info(
         "request",
@@ -128,6 +125,41 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         ms=round((time.perf_counter() - started) * 1000, 2),
     )
     return resp
+
+
+def _refusal(request: web.Request, e: Exception) -> web.Response:
+    """The answer to a handler's exception: its problem document, a 503 for a full or
+    unwritable disk (blob folder or database: not a bug), a 500 for anything else."""
+    if isinstance(e, BodyTimeout):
+        return web.Response(status=408)  # the connection is closed already: for the log line only
+    if isinstance(e, LogIntegrityError):
+        # The log contradicts itself: refuse to vouch for anything until an operator looks.
+        log.critical("log_integrity", error=str(e), route=_route_name(request))
+        return problem(503, "log_integrity", "the relay's log failed an integrity check; nothing was recorded")
+    refusal = storage_failure(e) if isinstance(e, OSError | sqlite3.Error) else None
+    if refusal is not None:
+        log.warning("storage_unavailable", route=_route_name(request), error=_describe(e))
+        e = refusal
+    if isinstance(e, RelayError):
+        resp = problem(e.status, e.code, e.message, **e.extra)
+        if e.retry_after is not None:
+            resp.headers["Retry-After"] = str(e.retry_after)
+        return resp
+    if isinstance(e, PliError):
+        return problem(e.status, e.code, e.message)
+    log.error("internal_error", method=request.method, route=_route_name(request), exc_info=e)
+    return problem(500, "internal", "the relay failed; the request was not applied")
+
+
+def _describe(e: BaseException) -> str:
+    # The error's kind, never its text: an OSError's names a file, and file names hold ids.
+    if isinstance(e, OSError):
+        return f"OSError {_errno_name(e.errno)}"
+    return f"{type(e).__name__} {getattr(e, 'sqlite_errorname', '')}".strip()
+
+
+def _errno_name(number: int | None) -> str:
+    return errno.errorcode.get(number or 0, str(number))
 
 
 def _route_name(request: web.Request) -> str:
@@ -167,8 +199,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         max_skew=cfg.max_skew,
     )
     assert device is not None  # resolve() raised otherwise
+    # The device's rate limit: after the signature (nobody drains another device's bucket),
+    # before the nonce is written (a flood costs no write), spent once the nonce is new (a
+    # replay costs the device nothing). See relay.limits.
+    rate = app[LIMITS].rate
+    wait = rate.wait(device.device_id)
+    if wait > 0:
+        raise RelayError("rate_limited", 429, "too many requests from this device; slow down", retry_after=wait)
     if not await storage.use_nonce(device.device_id, verified.nonce, expires=verified.created + cfg.max_skew + 1):
         raise AuthError("this request was already received (replay)", code="replayed_request")
+    rate.take(device.device_id)
     request[DEVICE] = device
     request[DIGEST] = verified.content_digest
     return await handler(request)
@@ -216,16 +256,27 @@ async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def create_app(cfg: RelayConfig, *, clock: Callable[[], int] | None = None) -> web.Application:
-    """Build a relay. ``clock`` (Unix seconds) is injectable for tests of expiry."""
+def create_app(
+    cfg: RelayConfig,
+    *,
+    clock: Callable[[], int] | None = None,
+    monotonic: Callable[[], float] | None = None,
+) -> web.Application:
+    """Build a relay. ``clock`` (Unix seconds) is injectable for tests of expiry,
+    ``monotonic`` (seconds) for tests of rate limits."""
     from relay.routes import add_routes  # noqa: PLC0415 - routes imports this module
 
     app = web.Application(
         middlewares=[problem_middleware, auth_middleware],
         client_max_size=cfg.max_request,
+        # A request's headers must arrive within body_timeout of the connection's start (or
+        # of the previous answer); a refused body is drained for as long at most.
+        handler_args={"keepalive_timeout": cfg.body_timeout, "lingering_time": min(10.0, cfg.body_timeout)},
     )
     app[CONFIG] = cfg
     app[CLOCK] = clock or (lambda: int(time.time()))
+    app[MONOTONIC] = monotonic or time.monotonic
+    app[LIMITS] = Limits(cfg, app[MONOTONIC])
     app[UPLOAD_LOCKS] = {}
     app[UPLOAD_HASHES] = {}
     app.cleanup_ctx.append(_storage_ctx)

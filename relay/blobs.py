@@ -9,11 +9,10 @@ folder, so a crash never leaves a half-written blob under a final name.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from pathlib import Path
 
-from relay.errors import unavailable
+from relay.errors import storage_failure
 
 __all__ = ["BlobStore"]
 
@@ -35,13 +34,16 @@ class BlobStore:
         """Open (or start) an upload's part file for appending; returns a raw fd."""
         path = self.part_path(envelope_id)
         try:
-            if new:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                os.write(fd, prefix)
-            else:
-                fd = os.open(path, os.O_WRONLY)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if new else os.open(path, os.O_WRONLY)
         except OSError as e:
             raise _storage_error(e) from e
+        if new:
+            try:
+                self.write(fd, 0, prefix)
+            except BaseException:
+                os.close(fd)
+                path.unlink(missing_ok=True)  # a new part that cannot take its prefix leaves nothing
+                raise
         return fd
 
     @staticmethod
@@ -55,9 +57,26 @@ class BlobStore:
         except OSError as e:
             raise _storage_error(e) from e
 
+    @staticmethod
+    def sync(fd: int) -> None:
+        """fsync a part between the requests of an upload (blocking: run in a thread)."""
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise _storage_error(e) from e
+
     def truncate(self, envelope_id: bytes, length: int) -> None:
+        # Shrinking a file never needs space: this works on a full disk too.
         with contextlib.suppress(FileNotFoundError):
             os.truncate(self.part_path(envelope_id), length)
+
+    def uncommit(self, envelope_id: bytes) -> None:
+        """Put a committed blob back as its upload's part file (its log batch failed), so the
+        upload stays resumable; if even that fails, the blob goes and the upload restarts."""
+        try:
+            self.final_path(envelope_id).replace(self.part_path(envelope_id))
+        except OSError:
+            self.final_path(envelope_id).unlink(missing_ok=True)
 
     def commit(self, envelope_id: bytes, fd: int) -> None:
         """Make a complete part durable under its final name (blocking: run in a thread)."""
@@ -104,6 +123,5 @@ class BlobStore:
 
 
 def _storage_error(e: OSError) -> Exception:
-    if e.errno in {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}:
-        return unavailable("the relay cannot store envelopes right now; try again later")
-    return e
+    """A full or unwritable disk as ``503 storage_unavailable``; anything else as it is."""
+    return storage_failure(e) or e

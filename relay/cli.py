@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import structlog
@@ -26,6 +26,7 @@ from protocol.ids import check_rpps
 from protocol.logentry import EntryType, LogEntry
 from relay.app import create_app
 from relay.config import ConfigError, RelayConfig, load_config
+from relay.limits import listen
 from relay.log import Skip, device_subject, open_log
 from relay.storage import Practitioner, Storage
 
@@ -51,9 +52,14 @@ def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Mu
     return event
 
 
-def configure_logging(fmt: str = "auto") -> None:
-    """JSON lines off a terminal, key=value on one (STYLE §30); called once, here."""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+def configure_logging(fmt: str = "auto", *, file: TextIO | None = None, cache: bool = True) -> None:
+    """JSON lines off a terminal, key=value on one (STYLE §30); called once, here.
+
+    ``file`` (default: standard error) and ``cache`` exist for tests that read what the
+    relay would have logged, through the same processors.
+    """
+    out = sys.stderr if file is None else file
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -65,8 +71,8 @@ def configure_logging(fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=cache,
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -130,17 +136,14 @@ async def _serve(cfg: RelayConfig) -> None:
     app = create_app(cfg)
     runner = web.AppRunner(app, shutdown_timeout=cfg.shutdown_timeout, access_log=None)
     await runner.setup()
+    server: asyncio.Server | None = None
     try:  # also on a failed start: closing the storage ends its thread, so the process can exit
-        site = web.TCPSite(runner, cfg.host, cfg.port)
-        await site.start()
-        server: Any = site._server  # noqa: SLF001 - aiohttp exposes the bound port nowhere else
-        sockets = server.sockets if server else []
-        port = sockets[0].getsockname()[1] if sockets else cfg.port
-        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-        url = f"http://{host}:{port}"
-        print(url, flush=True)
-        log.info("relay_started", url=url, data=str(cfg.data), max_request=cfg.max_request,
-                 max_envelope=cfg.max_envelope)
+        # Our own listening socket, so open connections are bounded (relay.limits).
+        listener = await listen(runner, cfg)
+        server = listener.server
+        print(listener.url, flush=True)
+        log.info("relay_started", url=listener.url, data=str(cfg.data), max_request=cfg.max_request,
+                 max_envelope=cfg.max_envelope, max_connections=cfg.max_connections)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,7 +151,11 @@ async def _serve(cfg: RelayConfig) -> None:
         await stop.wait()
         log.info("relay_stopping")
     finally:
+        if server is not None:
+            server.close()  # no new connections; those open finish their requests below
         await runner.cleanup()
+        if server is not None:
+            await server.wait_closed()
     log.info("relay_stopped")
 
 

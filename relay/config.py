@@ -52,6 +52,36 @@ class RelayConfig:
     log_format: str = "auto"
     """``json``, ``console`` or ``auto`` (JSON unless stderr is a terminal)."""
 
+    # -- abuse limits (the hostile-world issue) ------------------------------------------
+    body_timeout: float = 60.0
+    """Longest wait for a request's headers (from the connection's start or the previous
+    answer) and longest pause inside a request body, seconds; the connection is then closed."""
+    min_body_rate: int = 1024
+    """After ``body_timeout`` seconds, a request body must have arrived at this average rate
+    at least (bytes per second), so a client trickling bytes is cut off too."""
+    max_connections: int = 512
+    """Open client connections at most; beyond, a new connection is answered ``503
+    unavailable`` (with ``Retry-After``) and closed at once."""
+    max_uploads_in_flight: int = 256
+    """Upload requests (PUT, PATCH) being received at once, all devices together; beyond:
+    ``503 unavailable`` with ``Retry-After``."""
+    max_uploads_per_device: int = 32
+    """Upload requests being received at once from one device; beyond: ``429 rate_limited``."""
+    rate_limit: float = 20.0
+    """Signed requests per second one device may sustain (token bucket refill rate)."""
+    rate_burst: int = 100
+    """Signed requests one device may send in a burst (token bucket size); beyond the
+    bucket: ``429 rate_limited`` with ``Retry-After``."""
+    device_quota: int = 10 << 30
+    """Ciphertext bytes one device may have on the relay that its recipients have not all
+    acknowledged yet (uploads in progress count at their full size); a new envelope over it:
+    ``413 quota_exceeded``."""
+    enroll_failures: int = 10
+    """Failed enrolment attempts (unknown, used or expired codes) one client address may
+    make per ``enroll_window``; beyond: ``429 rate_limited`` with ``Retry-After``."""
+    enroll_window: float = 600.0
+    """The window of ``enroll_failures``, seconds."""
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
@@ -64,7 +94,10 @@ class RelayConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
-        for name in ("max_request", "max_envelope", "max_skew", "max_lifetime", "invitation_ttl"):
+        for name in ("max_request", "max_envelope", "max_skew", "max_lifetime", "invitation_ttl",
+                     "body_timeout", "min_body_rate", "max_connections", "max_uploads_in_flight",
+                     "max_uploads_per_device", "rate_limit", "rate_burst", "device_quota",
+                     "enroll_failures", "enroll_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.log_format not in {"auto", "json", "console"}:

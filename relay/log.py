@@ -36,6 +36,7 @@ import structlog
 
 from protocol import merkle, note
 from protocol.logentry import LogEntry
+from relay.errors import storage_failure
 from relay.storage import Storage
 
 __all__ = ["Appended", "LogIntegrityError", "Skip", "TransparencyLog", "device_subject", "load_log_key"]
@@ -216,7 +217,7 @@ class TransparencyLog:
             if not p.future.done():
                 p.future.set_exception(e)
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending]) -> None:  # noqa: C901 - one batch, one transaction
         done: list[tuple[_Pending, int, bytes]] = []
         refused: list[tuple[_Pending, Exception]] = []
         try:
@@ -235,6 +236,8 @@ class TransparencyLog:
                         entry = p.make(now)
                         leaf = entry.to_bytes()
                     except BaseException as e:
+                        if storage_failure(e) is not None:
+                            raise  # the disk, not this item: the whole batch fails (503 for each)
                         await tx.execute("ROLLBACK TO item")
                         await tx.execute("RELEASE item")
                         if isinstance(e, Exception):

@@ -50,6 +50,9 @@ ERROR_CODES: dict[str, int | None] = {
     "expired": 400,
     "unavailable": 503,
     "log_integrity": 503,
+    "rate_limited": 429,
+    "quota_exceeded": 413,
+    "storage_unavailable": 503,
 }
 
 _INT63 = {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1}
@@ -199,13 +202,17 @@ _SCHEMAS: dict[str, Any] = {
 _STATUS_TEXT = {
     400: "Malformed request", 401: "Missing or invalid request signature (SPEC.md §8)",
     403: "Not allowed", 404: "No such resource visible to this device", 409: "Conflict",
-    413: "Body over its limit", 415: "Wrong Content-Type", 416: "Range not satisfiable",
-    503: "The relay cannot serve this right now",
+    413: "Body over its limit, or envelope over the device's quota", 415: "Wrong Content-Type",
+    416: "Range not satisfiable", 429: "Too many requests (this device's rate, or wrong invitation codes)",
+    503: "The relay cannot serve this right now (busy, storage full or not writable, log integrity)",
 }
 _RESPONSE_NAMES = {
     400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict",
-    413: "TooLarge", 415: "UnsupportedMediaType", 416: "RangeNotSatisfiable", 503: "Unavailable",
+    413: "TooLarge", 415: "UnsupportedMediaType", 416: "RangeNotSatisfiable", 429: "TooManyRequests",
+    503: "Unavailable",
 }
+_RETRY_AFTER = {"schema": {"type": "string", "pattern": "^[0-9]+$"},
+                "description": "seconds to wait before trying again"}
 
 
 def _codes(status: int) -> list[str]:
@@ -227,6 +234,10 @@ def _problem_response(status: int) -> dict[str, Any]:
     }
     if status == 401:
         out["headers"] = {"WWW-Authenticate": {"required": True, "schema": {"const": 'Signature realm="pli"'}}}
+    elif status == 429:
+        out["headers"] = {"Retry-After": {"required": True, **_RETRY_AFTER}}
+    elif status == 503:  # every 503 but log_integrity (which waits for an operator) says when
+        out["headers"] = {"Retry-After": {"required": False, **_RETRY_AFTER}}
     return out
 
 
@@ -245,7 +256,9 @@ def _op(
     body: dict[str, Any] | None = None,
     tag: str = "mailbox",
 ) -> dict[str, Any]:
-    auth = () if public else (401,)
+    # Any operation may meet a relay at its connection limit (503); a signed one, the
+    # device's rate limit (429).
+    auth = (503,) if public else (401, 429, 503)
     responses: dict[str, Any] = {str(s): r for s, r in ok.items()}
     for status in sorted({*refusals, *auth}):
         responses[str(status)] = {"$ref": f"#/components/responses/{_RESPONSE_NAMES[status]}"}
@@ -294,7 +307,7 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/enroll": {"post": _op(
             "enroll", "Enrol a device with a one-time invitation code (SPEC.md §7.2)",
             {201: _json("Enrolled", "Enrolled: the practitioner, the log's identity and the enrolment receipt")},
-            (400, 403, 409, 413, 415, 503), public=True, tag="public",
+            (400, 403, 409, 413, 415, 429, 503), public=True, tag="public",
             body={"required": True, "content": {MSGPACK_TYPE: {"schema": _ref("Enrolment")}}},
         )},
         "/v1/directory/{rpps}": {"get": _op(

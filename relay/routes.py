@@ -24,8 +24,21 @@ from protocol.errors import DecodeError, LimitError
 from protocol.ids import check_rpps
 from protocol.keys import DevicePublic, fingerprint
 from protocol.logentry import EntryType, LogEntry
-from relay.app import BLOBS, CLOCK, CONFIG, DEVICE, DIGEST, LOG, STORAGE, UPLOAD_HASHES, UPLOAD_LOCKS, UploadSlot
+from relay.app import (
+    BLOBS,
+    CLOCK,
+    CONFIG,
+    DEVICE,
+    DIGEST,
+    LIMITS,
+    LOG,
+    STORAGE,
+    UPLOAD_HASHES,
+    UPLOAD_LOCKS,
+    UploadSlot,
+)
 from relay.errors import RelayError, not_found
+from relay.limits import BodyReader, client_address
 from relay.log import Skip, device_subject, receipt_json
 from relay.logroutes import add_log_routes
 from relay.openapi import add_openapi_route
@@ -90,7 +103,8 @@ async def _small_body(request: web.Request, limit: int) -> bytes:
     """Read a small body whole, refusing it from its declared length or when it lies."""
     _check_length(request, limit)
     data = bytearray()
-    async for chunk in request.content.iter_any():
+    reader = BodyReader(request, request.app[CONFIG])
+    while chunk := await reader.read():
         data += chunk
         if len(data) > limit:
             raise LimitError(f"request body over the {limit}-byte limit")
@@ -120,6 +134,12 @@ async def health(_request: web.Request) -> web.Response:
 
 
 async def enroll(request: web.Request) -> web.Response:
+    # Wrong codes are counted per client address; past the limit, no code is even looked at.
+    with request.app[LIMITS].enrolments.attempt(client_address(request)):
+        return await _enroll(request)
+
+
+async def _enroll(request: web.Request) -> web.Response:
     _require_type(request, MSGPACK_TYPE)
     body = await _small_body(request, MAX_ENROLL)
     r = codec.MapReader(codec.decode(body, limits=codec.Limits(max_size=MAX_ENROLL)), "enrolment")
@@ -465,13 +485,13 @@ class _Body:
 
     def __init__(self, request: web.Request, limit: int) -> None:
         _check_length(request, limit)
-        self._content = request.content
+        self._reader = BodyReader(request, request.app[CONFIG])
         self._limit = limit
         self.count = 0
         self.hash = hashlib.sha256()
 
     async def chunk(self) -> bytes:
-        data = await self._content.readany()
+        data = await self._reader.read()
         self.count += len(data)
         if self.count > self._limit:
             raise LimitError(f"request body over the {self._limit}-byte limit")
@@ -503,6 +523,11 @@ async def _check_recipients(request: web.Request, header: EnvelopeHeader) -> Non
 
 
 async def put_envelope(request: web.Request) -> web.Response:
+    with request.app[LIMITS].uploads.hold(request[DEVICE].device_id):
+        return await _put_envelope(request)
+
+
+async def _put_envelope(request: web.Request) -> web.Response:
     _require_type(request, ENVELOPE_TYPE)
     envelope_id = _hex_id(request.match_info["id"])
     device: Device = request[DEVICE]
@@ -524,10 +549,29 @@ async def put_envelope(request: web.Request) -> web.Response:
             raise RelayError("envelope_conflict", 409, "this envelope id is taken by other content")
         if row is None:
             await _check_recipients(request, header)
+            await _check_quota(request, header)
         return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)
 
 
+async def _check_quota(request: web.Request, header: EnvelopeHeader) -> None:
+    """A new envelope must fit in its sender's quota of bytes not yet acknowledged. No
+    Retry-After: room comes back when recipients acknowledge, which no clock predicts."""
+    quota = request.app[CONFIG].device_quota
+    used = await request.app[STORAGE].unacknowledged_bytes(header.sender, now=request.app[CLOCK]())
+    if used + header.size > quota:
+        raise RelayError(
+            "quota_exceeded", 413,
+            f"this device has {used} bytes on the relay not yet acknowledged by their recipients; "
+            f"{header.size} more would pass its quota of {quota} bytes",
+        )
+
+
 async def patch_envelope(request: web.Request) -> web.Response:
+    with request.app[LIMITS].uploads.hold(request[DEVICE].device_id):
+        return await _patch_envelope(request)
+
+
+async def _patch_envelope(request: web.Request) -> web.Response:
     _require_type(request, "application/octet-stream")
     envelope_id = _hex_id(request.match_info["id"])
     device: Device = request[DEVICE]
@@ -652,7 +696,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                 await asyncio.to_thread(_verify_ciphertext, blobs.part_path(header.id), len(prefix), header)
             await asyncio.to_thread(blobs.commit, header.id, fd)
         else:
-            await asyncio.to_thread(os.fsync, fd)
+            await asyncio.to_thread(blobs.sync, fd)
             if ct_hash is not None and len(running) < _MAX_RUNNING_HASHES:
                 running[header.id] = (pos, ct_hash)
     except BaseException as e:
@@ -690,15 +734,30 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
 
         try:
             appended = await app[LOG].append(entry, record, envelope_id=header.id)
-        except BaseException:
+        except Exception:
+            # Not logged, so not stored: no blob under its final name. An upload begun in
+            # earlier requests keeps its bytes as a part (its row still says uploading) and
+            # resumes; a single-request one leaves nothing. (Not on cancellation: a caller
+            # gone mid-batch still has its leaf logged, and its blob must stay.)
             if row is None:
                 blobs.delete(header.id)
+            else:
+                blobs.uncommit(header.id)
             raise
         receipt = await app[LOG].receipt(appended)
         log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to),
                  leaf=appended.index)
     else:
-        await record()
+        try:
+            await record()
+        except Exception:
+            # The row did not move: neither do the bytes (a new upload leaves nothing). (Not
+            # on cancellation: the transaction may have committed all the same.)
+            if row is None:
+                blobs.delete(header.id)
+            else:
+                blobs.truncate(header.id, len(prefix) + held)
+            raise
     new_row = await storage.envelope(header.id)
     assert new_row is not None
     return web.json_response({**_status_json(new_row), "receipt": receipt}, status=201 if complete else 200)

@@ -9,7 +9,9 @@ either all of it or none of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -73,6 +75,7 @@ CREATE TABLE IF NOT EXISTS envelopes (
     all_acked_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS envelopes_state ON envelopes(state, expires);
+CREATE INDEX IF NOT EXISTS envelopes_sender ON envelopes(sender, state);
 CREATE TABLE IF NOT EXISTS deliveries (
     envelope_id BLOB NOT NULL REFERENCES envelopes(id),
     device_id BLOB NOT NULL,
@@ -197,10 +200,15 @@ class Storage:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                # On a full disk SQLite may have rolled back already (and a failed COMMIT
+                # leaves the transaction open): roll back only what is still open, and never
+                # let a failed rollback hide the error that caused it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
                 raise
-            await self._db.execute("COMMIT")
 
     @asynccontextmanager
     async def _tx(self, tx: aiosqlite.Connection | None) -> AsyncIterator[aiosqlite.Connection]:
@@ -413,6 +421,16 @@ class Storage:
             await db.execute(
                 "DELETE FROM envelopes WHERE id = ? AND state = 'uploading'", (envelope_id,)
             )
+
+    async def unacknowledged_bytes(self, sender: bytes, *, now: int) -> int:
+        """Ciphertext bytes of ``sender``'s envelopes that not every recipient acknowledged:
+        uploads in progress (at their full size) and stored, unexpired envelopes."""
+        row = await self._one(
+            "SELECT COALESCE(SUM(size), 0) FROM envelopes WHERE sender = ? AND state IN ('uploading', 'stored')"
+            " AND all_acked_at IS NULL AND expires > ?",
+            (sender, now),
+        )
+        return int(row[0])
 
     async def recipients(self, envelope_id: bytes) -> dict[bytes, int | None]:
         rows = await self._all(
