@@ -55,6 +55,7 @@ PARIS = ZoneInfo("Europe/Paris")
 
 # status code -> (French, English), as `pli cases` shows it
 STATUS_LABELS: dict[str, tuple[str, str]] = {
+    "queued": ("en attente d'envoi", "waiting to be sent"),
     "sent": ("envoyée", "sent"),
     "delivered": ("remise", "delivered"),
     "read": ("lue", "read"),
@@ -244,7 +245,8 @@ def case_view(home: Home, case_id: str, *, now: int) -> CaseView:
         status = "to_answer"
     else:
         last = [r for r in rows if r["direction"] == "sent"][-1]
-        status = "read" if "read" in last["receipts"] else "delivered" if "delivered" in last["receipts"] else "sent"
+        status = ("queued" if last.get("pending") else "read" if "read" in last["receipts"]
+                  else "delivered" if "delivered" in last["receipts"] else "sent")
     return CaseView(
         case_id=case_id, role=role, state=state, status=status, patient=body.get("patient", {}),
         counterpart=counterpart, motif=body.get("motif", ""), urgency=body.get("urgency", "routine"),
@@ -290,21 +292,39 @@ async def send_request(
 ) -> core.SentEnvelope:
     """Send a prepared request; the prepared files become the case's own copy."""
     async with _exclusive(home):
-        sent = await core.send(
-            home, keys, to=[prepared.to_rpps], kind="request", body=prepared.body, files=prepared.files,
-            case_id=prepared.case_id, progress=progress, relay=relay,
-        )
+        try:
+            sent = await core.send(
+                home, keys, to=[prepared.to_rpps], kind="request", body=prepared.body, files=prepared.files,
+                case_id=prepared.case_id, progress=progress, relay=relay,
+            )
+        except PliError as e:
+            _keep_or_drop(home, prepared.case_id.hex(), prepared.folder, e)
+            raise
     _keep_sent_files(home, sent, prepared.folder)
     return sent
 
 
+def _keep_or_drop(home: Home, case_id: str, folder: Path | None, error: BaseException) -> None:
+    """After a failed send: an envelope left pending (the connection dropped) keeps its files
+    with the case, as a sent one does; otherwise the prepared copy goes."""
+    pending = getattr(error, "pending_envelope", None)
+    if pending and folder is not None:
+        _move_files(home, case_id, pending, folder)
+    elif folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _keep_sent_files(home: Home, sent: core.SentEnvelope, folder: Path) -> None:
-    dest = home.cases / sent.case_id / sent.envelope_id
+    _move_files(home, sent.case_id, sent.envelope_id, folder)
+
+
+def _move_files(home: Home, case_id: str, envelope_id: str, folder: Path) -> None:
+    dest = home.cases / case_id / envelope_id
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(dest, ignore_errors=True)
     folder.replace(dest)
     with home.store() as db:
-        db.execute("UPDATE envelopes SET folder = ? WHERE id = ?", (str(dest), sent.envelope_id))
+        db.execute("UPDATE envelopes SET folder = ? WHERE id = ?", (str(dest), envelope_id))
 
 
 # -- receiving -------------------------------------------------------------------------------
@@ -315,6 +335,7 @@ class SyncResult:
     new: list[core.OpenedEnvelope] = field(default_factory=list)
     refused: list[tuple[str, PliError]] = field(default_factory=list)
     receipts: int = 0
+    resumed: list[str] = field(default_factory=list)  # sent envelopes an interruption had left pending
 
 
 _STOP = {"relay_unreachable", "log_alarm"}  # these concern every envelope: stop, don't skip
@@ -333,6 +354,8 @@ async def sync(
     profile = core._session(home)  # noqa: SLF001
     rejected = home.rejected()
     async with core._relay(home, profile, keys, relay) as r:  # noqa: SLF001
+        resumed, undelivered = await core.resume_pending(home, r)
+        result.resumed, result.refused = resumed, [*result.refused, *undelivered]
         await core.send_pending_statements(home, keys, r)
         for entry in await r.inbox():
             if entry["id"] in rejected:  # refused before and kept as evidence: not again
@@ -491,8 +514,8 @@ async def _respond_locked(
             await core.mark_read(home, keys, view.unread, relay=r)  # answering is reading
             sent = await core.reply(home, keys, target["id"], kind=kind, body=body, files=paths,
                                     progress=progress, relay=r)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+    except BaseException as e:
+        _keep_or_drop(home, case_id, folder, e)
         raise
     _keep_sent_files(home, sent, folder)
     return sent, warnings

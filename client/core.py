@@ -369,24 +369,76 @@ async def send(
         )
         signed = seal_header(header, keys.signing_key)
         atomic_write(home.envelopes / f"{envelope_id.hex()}.prefix", signed.prefix, mode=0o600)
-        state = await r.upload(envelope_id, signed.prefix, ct_path, progress=progress)
-        if not state.get("receipt"):
-            raise ClientError("the relay stored the envelope without a receipt")
-        entry = await logstate.store_receipt(home, r, envelope_id.hex(), state["receipt"])
-        if entry.envelope_hash != signed.envelope_hash or entry.signature != signed.signature:
-            logstate.raise_alarm(home, "submission logged wrongly", "the receipt names another envelope")
-    home.record(
-        id=envelope_id.hex(), case_id=case.hex(), direction="sent", kind=kind,
-        peer_rpps=",".join(p["rpps"] for p in peers), peer_name=", ".join(p["name"] for p in peers),
-        subject=str(body.get("motif", "")), created=now,
-        relay_received_at=state.get("received_at"),
-        in_reply_to=body["in_reply_to"].hex() if "in_reply_to" in body else None,
-        body=body_json(body), read_at=now,
-    )
+        # Recorded before the upload, as pending: if the connection drops, the next sync
+        # resumes this very envelope (same id: the relay keeps it once) instead of the user
+        # sending a second one, and the case already counts it.
+        home.record(
+            id=envelope_id.hex(), case_id=case.hex(), direction="sent", kind=kind,
+            peer_rpps=",".join(p["rpps"] for p in peers), peer_name=", ".join(p["name"] for p in peers),
+            subject=str(body.get("motif", "")), created=now, relay_received_at=None,
+            in_reply_to=body["in_reply_to"].hex() if "in_reply_to" in body else None,
+            body=body_json(body), read_at=now, pending=1,
+        )
+        try:
+            state = await _deliver(home, r, envelope_id, signed, ct_path, progress)
+        except PliError as e:
+            if e.code != "relay_unreachable":
+                home.forget(envelope_id.hex())  # refused: nothing was sent, nothing is pending
+            else:
+                e.pending_envelope = envelope_id.hex()  # type: ignore[attr-defined]  # for the files
+            raise
     return SentEnvelope(
         envelope_id=envelope_id.hex(), case_id=case.hex(), to=peers, size=size,
         received_at=state.get("received_at"), first_contacts=first_contacts,
     )
+
+
+async def _deliver(
+    home: Home, r: RelayClient, envelope_id: bytes, signed: SignedHeader, ct_path: Path, progress: Progress | None,
+) -> dict[str, Any]:
+    """Upload (or resume) an envelope, check its receipt, and mark it delivered to the relay."""
+    state = await r.upload(envelope_id, signed.prefix, ct_path, progress=progress)
+    if not state.get("receipt"):
+        raise ClientError("the relay stored the envelope without a receipt")
+    entry = await logstate.store_receipt(home, r, envelope_id.hex(), state["receipt"])
+    if entry.envelope_hash != signed.envelope_hash or entry.signature != signed.signature:
+        logstate.raise_alarm(home, "submission logged wrongly", "the receipt names another envelope")
+    with home.store() as db:
+        db.execute("UPDATE envelopes SET pending = 0, relay_received_at = ? WHERE id = ?",
+                    (state.get("received_at"), envelope_id.hex()))
+    return state
+
+
+async def resume_pending(home: Home, r: RelayClient) -> tuple[list[str], list[tuple[str, PliError]]]:
+    """Upload what an interrupted command left pending; returns what went and what the relay refused.
+
+    A refused one (for instance held back beyond the relay's window for a first upload) is
+    dropped from its case, so the practitioner can send it again.
+    """
+    sent: list[str] = []
+    refused: list[tuple[str, PliError]] = []
+    for row in home.history():
+        if not row.get("pending"):
+            continue
+        eid = row["id"]
+        split = split_prefix((home.envelopes / f"{eid}.prefix").read_bytes())
+        if split is None:
+            raise DecodeError(f"the archived header of {eid} is cut short")
+        try:
+            await _deliver(home, r, bytes.fromhex(eid), split[0], home.envelopes / f"{eid}.age", None)
+        except PliError as e:
+            if e.code in ("relay_unreachable", "log_alarm"):
+                raise
+            home.forget(eid)
+            home.incident(row["case_id"], _now(), f"envelope {eid[:12]} could not be delivered ({e.code}); "
+                          "send it again", f"le pli {eid[:12]} n'a pas pu être remis ({e.code}) ; renvoyez-le")
+            refused.append((eid, e))
+            continue
+        sent.append(eid)
+        original = row.get("in_reply_to")
+        if original and any(h["id"] == original and h["direction"] == "received" for h in home.history(row["case_id"])):
+            home.set_pending_statement(original, eid, pending=True)
+    return sent, refused
 
 
 async def refresh_receipts(home: Home, r: RelayClient, envelope_ids: list[bytes]) -> int:

@@ -85,7 +85,8 @@ CREATE TABLE IF NOT EXISTS envelopes (
     in_reply_to TEXT,
     folder TEXT,
     body TEXT,          -- the manifest body as JSON (bytes as hex): the case's data
-    read_at INTEGER     -- when this device signed that its practitioner read it
+    read_at INTEGER,    -- when this device signed that its practitioner read it
+    pending INTEGER NOT NULL DEFAULT 0  -- sent: 1 until the relay gave its receipt
 );
 CREATE INDEX IF NOT EXISTS envelopes_case ON envelopes(case_id, created);
 CREATE TABLE IF NOT EXISTS receipts (
@@ -138,7 +139,7 @@ CREATE TABLE IF NOT EXISTS devices (
     record BLOB NOT NULL
 );
 """
-_ADDED_COLUMNS = (("body", "TEXT"), ("read_at", "INTEGER"))
+_ADDED_COLUMNS = (("body", "TEXT"), ("read_at", "INTEGER"), ("pending", "INTEGER NOT NULL DEFAULT 0"))
 
 
 class Home:
@@ -287,6 +288,13 @@ class Home:
                 return [dict(r) for r in db.execute("SELECT * FROM envelopes ORDER BY created, id")]
             return [dict(r) for r in db.execute(
                 "SELECT * FROM envelopes WHERE case_id = ? ORDER BY created, id", (case_id,))]
+
+    def forget(self, envelope_id: str) -> None:
+        """Drop a sent envelope the relay never accepted (its archive files go with it)."""
+        with self.store() as db:
+            db.execute("DELETE FROM envelopes WHERE id = ? AND direction = 'sent'", (envelope_id,))
+        for suffix in (".prefix", ".age"):
+            (self.envelopes / f"{envelope_id}{suffix}").unlink(missing_ok=True)
 
     def incident(self, case_id: str, at: int, en: str, fr: str) -> None:
         """Keep a technical incident of a case: the compte rendu must state it (DOMAIN.md)."""

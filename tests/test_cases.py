@@ -463,3 +463,44 @@ async def test_empty_complement_is_refused(env: Env, sides: tuple[Side, Side]) -
     await cases.sync(gp[0], gp[1])
     with pytest.raises(cases.CaseError, match="text or files"):
         await cases.complement(gp[0], gp[1], sent.case_id, "  ", [], now=int(time.time()))
+
+
+class LostReply(RelayClient):
+    """The relay stores the upload, then the connection drops before its answer arrives."""
+
+    async def upload(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        await super().upload(*args, **kw)
+        raise RelayUnreachable("connection lost")
+
+
+async def test_a_send_whose_answer_is_lost_is_resumed_not_repeated(env: Env, sides: tuple[Side, Side]) -> None:  # noqa: F811
+    gp, derm = sides
+    now = int(time.time())
+    prepared = prepare_request(gp[0], gp[0].profile(), case_data(), [], today=dt.datetime.now(cases.PARIS).date(),
+                               case_id=os.urandom(16), now=now)
+    async with LostReply(gp[0].profile().relay, gp[1]) as flaky:
+        with pytest.raises(RelayUnreachable):
+            await cases.send_request(gp[0], gp[1], prepared, relay=flaky)
+    cid = prepared.case_id.hex()
+    view = cases.case_view(gp[0], cid, now=now)
+    assert view.status == "queued"
+    assert (gp[0].cases / cid).is_dir()  # the prepared files stay with the case
+    await cases.sync(derm[0], derm[1])
+    with pytest.raises(RelayUnreachable):  # the specialist's avis meets the same fate
+        async with LostReply(derm[0].profile().relay, derm[1]) as flaky:
+            await cases.answer(derm[0], derm[1], cid, "avis", {"avis": "Once", "recommendations": "",
+                               "prescriptions": [], "follow_up": ""}, [], now=now, relay=flaky)
+    with pytest.raises(cases.CaseError, match="cannot be sent now"):  # a retry would send it twice
+        await cases.answer(derm[0], derm[1], cid, "avis", {"avis": "Twice", "recommendations": "",
+                           "prescriptions": [], "follow_up": ""}, [], now=now)
+    resumed = await cases.sync(derm[0], derm[1])
+    assert len(resumed.resumed) == 1
+    assert derm[0].pending_statements() == []
+    gp_sync = await cases.sync(gp[0], gp[1])
+    assert len(gp_sync.resumed) == 1
+    view = cases.case_view(gp[0], cid, now=now)
+    assert [e["kind"] for e in view.envelopes] == ["request", "avis"]
+    assert view.envelopes[1]["body"]["avis"] == "Once"
+    assert view.anomalies == []
+    request_receipts = {x["type"] for x in logstate.receipts_of(gp[0], view.envelopes[0]["id"])}
+    assert {"submitted", "delivered", "answered"} <= request_receipts
