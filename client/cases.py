@@ -626,6 +626,14 @@ def report(home: Home, case_id: str, *, now: int, out: Path | None = None) -> Pa
         data["orientation"] = {"text": b.get("orientation", ""), "urgency": b.get("urgency", "routine")}
     else:
         data["refus_reason"] = b.get("reason", "")
+    every = acts(home, now=now)
+    mine = next((a for a in every if a.case_id == case_id), None)
+    if mine is not None:  # the yearly limit, stated where the practitioner files the act
+        with contextlib.suppress(billing.BillingError):
+            month = (mine.act_date.year, mine.act_date.month)
+            line = next(x for x in billing.billing_lines(every, month=month) if x.case_id == case_id)
+            if not line.billable:
+                data["billing_note"] = f"Acte non facturable : {line.reason}."
     target = out or home.cases / case_id / f"compte-rendu-{case_id[:12]}.pdf"
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, pdf.render_report(data), mode=0o600)

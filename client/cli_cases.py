@@ -49,6 +49,16 @@ def _warn(c: Ctx, warnings: list[tuple[str, str]]) -> None:
             click.echo(click.style("! ", fg="yellow") + tr(fr, en), err=True)
 
 
+def _age(since: int, now: int) -> str:
+    """How long ago a case was opened, as people say it: 3 h, 2 j (d)."""
+    seconds = max(now - since, 0)
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h"
+    return tr(f"{seconds // 86400} j", f"{seconds // 86400} d")
+
+
 def _due(v: cases.CaseView, now: int) -> str:
     if v.deadline is None:
         return ""
@@ -238,7 +248,8 @@ def cases_(c: Ctx, offline: bool, only_open: bool) -> None:
         who = tr("de", "from") if v.role == "requis" else tr("à", "to")
         mark = "!" if v.overdue else ("*" if v.unread else " ")
         line = (f"{mark} {v.case_id[:12]}  {_status(v.status):<22} {clean(v.patient_label)[:32]:<32}  "
-                f"{who} {clean(v.counterpart.get('name', ''))[:24]:<24}  {clean(v.motif)[:30]:<30}  {_due(v, now)}")
+                f"{who} {clean(v.counterpart.get('name', ''))[:24]:<24}  {clean(v.motif)[:30]:<30}  "
+                f"{_age(v.opened_at, now):>6}  {_due(v, now)}")
         if v.urgency == "urgent":
             line += tr("  URGENT", "  URGENT")
         lines.append(click.style(line, fg="red") if v.overdue and sys.stdout.isatty() else line)

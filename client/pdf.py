@@ -397,7 +397,10 @@ def render_report(d: dict[str, Any]) -> bytes:
     doc.field("Accusés de réception", f"{receipts if isinstance(receipts, int) else 0} accusé(s) signé(s)")
     doc.field("Journal", f"journal signé du relais {origin}")
     doc.ln(4)
-    doc.para(_ACT, style="B")
+    doc.para(_ACT if d.get("answer_kind") != "refus" else "Pas d'acte facturable : la demande a été refusée.",
+             style="B")
+    if d.get("billing_note"):
+        doc.para(safe_text(d["billing_note"]))
     return doc.to_bytes()
 
 

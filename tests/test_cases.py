@@ -282,7 +282,16 @@ async def test_fifth_request_for_a_patient_warns_of_the_yearly_limit(env: Env, s
             await cases.answer(derm[0], derm[1], sent.case_id, "avis", avis, [], now=int(time.time()))
     warning = cases.limit_warning(gp[0], patient, DERM.rpps, now=int(time.time()))
     assert warning is not None
-    assert "5" in warning.en
+    assert "5th" in warning.en
+    # Past the limit: the act is listed, not billable, and the compte rendu says so.
+    await cases.sync(derm[0], derm[1])
+    await cases.answer(derm[0], derm[1], sent.case_id, "avis", avis, [], now=int(time.time()))
+    fifth = await new_request(gp)
+    await cases.sync(derm[0], derm[1])
+    await cases.answer(derm[0], derm[1], fifth.case_id, "avis", avis, [], now=int(time.time()))
+    await cases.sync(gp[0], gp[1])
+    assert "non facturable" not in pdf_text(cases.report(gp[0], sent.case_id, now=int(time.time())))
+    assert "limite de 4 actes" in pdf_text(cases.report(gp[0], fifth.case_id, now=int(time.time())))
     assert cases.limit_warning(gp[0], {**patient, "ins": "255081416802538"}, DERM.rpps, now=int(time.time())) is None
 
 
