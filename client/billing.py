@@ -213,6 +213,7 @@ class Act:
     requis_name: str
     zone: str = "metropole"
     requerant_profession: str = "10"
+    sequence: int = 0  # orders acts of one day: the answer's index in the relay's log
 
     def __post_init__(self) -> None:
         where = f"act {self.case_id!r}"
@@ -245,8 +246,9 @@ class Line:
 
 
 def _ranks(acts: Iterable[Act]) -> dict[str, int]:
-    """Rank of each act (by case id) in its (patient, requis, year), in date then case id order."""
-    ordered = sorted(acts, key=lambda a: (a.act_date, a.case_id))
+    """Rank of each act (by case id) in its (patient, requis, year), in the order the acts happened
+    (date, then the answers' order in the relay's log, then case id)."""
+    ordered = sorted(acts, key=lambda a: (a.act_date, a.sequence, a.case_id))
     seen: set[str] = set()
     counts: dict[tuple[str, str, int], int] = defaultdict(int)
     ranks: dict[str, int] = {}

@@ -548,10 +548,16 @@ async def complement(
 
 def _logged_time(home: Home, envelope_id: str) -> int | None:
     """The relay's signed log time of an envelope's submission, from its kept receipt."""
+    logged = _logged(home, envelope_id)
+    return logged[0] if logged else None
+
+
+def _logged(home: Home, envelope_id: str) -> tuple[int, int] | None:
+    """(time, index) of an envelope's submission in the relay's log, from its kept receipt."""
     for x in logstate.receipts_of(home, envelope_id):
         entry = LogEntry.from_bytes(x["leaf"])
         if entry.type == EntryType.SUBMITTED:
-            return entry.time
+            return entry.time, int(x["index"])
     return None
 
 
@@ -672,7 +678,8 @@ def acts(home: Home, *, now: int, zone: str = "metropole") -> list[billing.Act]:
             continue
         request = next(e for e in v.envelopes if e["kind"] == "request")
         final = next(e for e in reversed(v.envelopes) if e["kind"] in ("avis", "presentiel"))
-        answered = _logged_time(home, final["id"]) or _at(final)
+        logged = _logged(home, final["id"])
+        answered = logged[0] if logged else _at(final)
         if v.role == "requerant":
             requerant = (profile.rpps, profile.name)
             requis = (final["peer_rpps"], final["peer_name"])
@@ -686,6 +693,7 @@ def acts(home: Home, *, now: int, zone: str = "metropole") -> list[billing.Act]:
             requerant_rpps=requerant[0], requerant_name=requerant[1],
             requis_rpps=requis[0], requis_name=requis[1], zone=zone,
             requerant_profession=request["body"].get("author", {}).get("profession", "10"),
+            sequence=logged[1] if logged else 0,
         ))
     return out
 

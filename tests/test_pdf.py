@@ -311,9 +311,11 @@ def test_report_refus_and_presentiel_without_avis(kind: str) -> None:
     if kind == "refus":
         assert "Refus de la demande" in text
         assert "impossible de conclure" in text
+        assert "Pas d'acte facturable : la demande a été refusée." in text
+        assert "Acte : téléexpertise (requérant RQD, requis TE2)" not in text
     else:
         assert "Orientation vers une consultation en présentiel" in text
-    assert "Acte : téléexpertise (requérant RQD, requis TE2)" in text
+        assert "Acte : téléexpertise (requérant RQD, requis TE2)" in text
 
 
 def test_report_unanswered_and_untimed() -> None:
