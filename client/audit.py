@@ -276,9 +276,16 @@ def verify_package(path: Path, *, vkey: str | None = None) -> Report:
         return rep
 
 
+_DOC_KEYS = frozenset({"format", "case_id", "exported_at", "exported_by", "online_refresh", "log", "checkpoints",
+                       "consistency", "devices", "envelopes"})
+
+
 def _verify(path: Path, vkey: str | None, rep: Report) -> Report:  # noqa: C901, PLR0912, PLR0915
     doc, content = _read_package(path)
     rep.case_id = str(doc.get("case_id", ""))
+    unknown = sorted(set(doc) - _DOC_KEYS)
+    if unknown:  # fail closed: a field this verifier does not know could be meant to say something
+        rep.fail(f"unknown field(s) in audit.json: {', '.join(map(repr, unknown))}")
     try:
         log_doc = doc["log"]
         verifier = note.Verifier.from_vkey(vkey or log_doc["vkey"])
@@ -311,10 +318,12 @@ def _verify(path: Path, vkey: str | None, rep: Report) -> Report:  # noqa: C901,
     extends: dict[int, set[int]] = {}
     for link in doc.get("consistency", []):
         try:
-            a, b = int(link["first"]), int(link["second"])
+            a, b = link["first"], link["second"]
+            if type(a) is not int or type(b) is not int:
+                raise TypeError("sizes must be integers")  # noqa: TRY301 - reported below
             proof = [_unb64(h) for h in link["proof"]]
-            if a not in roots or b not in roots:
-                continue
+            if a not in roots or b not in roots:  # a package holds nothing it does not use
+                raise KeyError("no checkpoint of that size in the package")  # noqa: TRY301
             merkle.verify_consistency(a, b, proof, roots[a], roots[b])
             extends.setdefault(a, set()).add(b)
         except (KeyError, TypeError, ValueError, PliError) as e:
@@ -337,6 +346,9 @@ def _verify(path: Path, vkey: str | None, rep: Report) -> Report:  # noqa: C901,
             return None
         if tp.index != receipt.get("index"):
             rep.fail(f"{what}: the receipt's index differs from its proof's")
+            return None
+        if receipt.get("type") != entry.type.name.lower():  # an unsigned label must not disagree
+            rep.fail(f"{what}: the receipt says {receipt.get('type')!r} but its leaf is {entry.type.name.lower()!r}")
             return None
         if roots.get(cp.size) != cp.root_hash:
             rep.fail(f"{what}: its checkpoint (size {cp.size}) is not among the package's consistent checkpoints")
@@ -365,6 +377,9 @@ def _verify(path: Path, vkey: str | None, rep: Report) -> Report:  # noqa: C901,
                     rep.timeline.append(_event(ent, r, d.get("name", ""), d.get("rpps", ""), "enrolled"))
         if enrolled_at < 0:
             rep.fail(f"device {pub.device_id.hex()[:12]}: no proof of its enrolment in the log")
+            continue
+        if d.get("device_id") != pub.device_id.hex():  # an unsigned label must not disagree
+            rep.fail(f"device {pub.device_id.hex()[:12]}: listed under another id")
             continue
         devices[pub.device_id] = (pub, str(d.get("rpps", "")), str(d.get("name", "")), enrolled_at)
     rep.checks.append(f"{len(devices)} device(s): keys certified, enrolment logged for their RPPS "
