@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import errno
 import re
-import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +30,8 @@ from relay.config import RelayConfig
 from relay.errors import RelayError, storage_failure
 from relay.limits import BodyTimeout, Limits
 from relay.log import LogIntegrityError, TransparencyLog, open_log
-from relay.storage import Device, Storage
+from relay.metrics import METRICS, Metrics
+from relay.storage import Device, Storage, open_storage
 
 __all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LIMITS", "LOG", "MONOTONIC", "STORAGE", "create_app"]
 
@@ -65,8 +65,13 @@ DEVICE = web.RequestKey("device", Device)
 DIGEST = web.RequestKey("digest", bytes)
 
 PUBLIC_ROUTES = frozenset(
-    {"health", "enroll", "checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries", "openapi"}
+    {"health", "enroll", "checkpoint", "log_vkey", "log_inclusion", "log_consistency", "log_entries", "openapi",
+     "livez", "readyz", "metrics"}  # relay.ops: probes, and metrics restricted by their own setting
 )
+#: the problem code of a refusal, for the request's log line and metrics
+PROBLEM_CODE = web.ResponseKey("problem_code", str)
+#: a file download's log line, written once aiohttp has prepared the response
+PENDING_LINE: web.ResponseKey[dict[str, Any]] = web.ResponseKey("pending_line")
 _KEYID = re.compile(r'keyid="([0-9a-f]{32})"')
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -83,6 +88,7 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> web.Response:
         **extra,
     }
     resp = web.json_response(body, status=status, content_type="application/problem+json")
+    resp[PROBLEM_CODE] = code
     if status == 401:
         resp.headers["WWW-Authenticate"] = 'Signature realm="pli"'
     return resp
@@ -116,15 +122,38 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception as e:  # every refusal becomes problem+json (see _refusal)
         resp = _refusal(request, e)
     device = request.get(DEVICE)
-    log.info(
-        "request",
-        method=request.method,
-        route=_route_name(request),
-        status=resp.status,
-        device=device.device_id.hex() if device else None,
-        ms=round((time.perf_counter() - started) * 1000, 2),
-    )
+    line: dict[str, Any] = {
+        "method": request.method,
+        "route": _route_name(request),
+        "status": resp.status,
+        "device": device.device_id.hex() if device else None,
+        "seconds": time.perf_counter() - started,
+        "bytes_in": request.content.total_bytes,  # body bytes as received on the wire
+        "error": resp.get(PROBLEM_CODE),
+    }
+    if isinstance(resp, web.FileResponse) and not resp.prepared:
+        # A download's status (200, 206, 304...) and length are known once aiohttp prepares
+        # it, after this middleware: its line is written then (_log_prepared).
+        resp[PENDING_LINE] = line  # on the response: a proxied request is a clone of aiohttp's
+    else:
+        _log_request(request.app, line, resp.content_length if resp.content_length is not None else resp.body_length)
     return resp
+
+
+def _log_request(app: web.Application, line: dict[str, Any], bytes_out: int) -> None:
+    """The request's one canonical log line, and its metrics: route names, never paths or ids
+    but the device's; sizes and times, never content."""
+    seconds = line.pop("seconds")
+    app[METRICS].observe(route=line["route"], status=line["status"], seconds=seconds, bytes_in=line["bytes_in"],
+                         bytes_out=bytes_out, problem=line["error"])
+    log.info("request", **line, ms=round(seconds * 1000, 2), bytes_out=bytes_out)
+
+
+async def _log_prepared(request: web.Request, response: web.StreamResponse) -> None:
+    line = response.get(PENDING_LINE)
+    if line is not None:
+        del response[PENDING_LINE]
+        _log_request(request.app, {**line, "status": response.status}, response.content_length or 0)
 
 
 def _refusal(request: web.Request, e: Exception) -> web.Response:
@@ -135,8 +164,9 @@ def _refusal(request: web.Request, e: Exception) -> web.Response:
     if isinstance(e, LogIntegrityError):
         # The log contradicts itself: refuse to vouch for anything until an operator looks.
         log.critical("log_integrity", error=str(e), route=_route_name(request))
+        request.app[METRICS].log_alarm = str(e)  # /readyz answers 503 from now on
         return problem(503, "log_integrity", "the relay's log failed an integrity check; nothing was recorded")
-    refusal = storage_failure(e) if isinstance(e, OSError | sqlite3.Error) else None
+    refusal = storage_failure(e)
     if refusal is not None:
         log.warning("storage_unavailable", route=_route_name(request), error=_describe(e))
         e = refusal
@@ -217,12 +247,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     cfg.data.mkdir(parents=True, exist_ok=True)
-    storage = await Storage.open(cfg.data / "relay.sqlite3")
+    storage = await open_storage(cfg)
     blobs = BlobStore(cfg.data / "blobs")
     app[STORAGE] = storage
     app[BLOBS] = blobs
+    # On PostgreSQL other nodes share the blob folder: a file without its row may be
+    # theirs, in flight; only those untouched for a day are a crash's leftovers.
     removed = blobs.sweep(stored=await storage.envelope_ids("stored"),
-                          uploading=await storage.envelope_ids("uploading"))
+                          uploading=await storage.envelope_ids("uploading"),
+                          grace=0 if cfg.database == "sqlite" else 86400)
     if removed:
         log.warning("startup_recovery", removed_orphan_blobs=len(removed), files=sorted(removed))
     try:
@@ -256,6 +289,14 @@ async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _metrics_start(app: web.Application) -> None:
+    app[METRICS].start_log(await app[LOG].size())
+
+
+async def _mark_stopping(app: web.Application) -> None:
+    app[METRICS].stopping = True
+
+
 def create_app(
     cfg: RelayConfig,
     *,
@@ -264,10 +305,14 @@ def create_app(
 ) -> web.Application:
     """Build a relay. ``clock`` (Unix seconds) is injectable for tests of expiry,
     ``monotonic`` (seconds) for tests of rate limits."""
+    from relay.ops import add_ops_routes, forwarded_middleware  # noqa: PLC0415 - ops imports this module
     from relay.routes import add_routes  # noqa: PLC0415 - routes imports this module
 
+    middlewares = [problem_middleware, auth_middleware]
+    if cfg.proxy_networks:  # first: every later step sees the client, not the proxy
+        middlewares.insert(0, forwarded_middleware(cfg.proxy_networks))
     app = web.Application(
-        middlewares=[problem_middleware, auth_middleware],
+        middlewares=middlewares,
         client_max_size=cfg.max_request,
         # A request's headers must arrive within body_timeout of the connection's start (or
         # of the previous answer); a refused body is drained for as long at most.
@@ -279,7 +324,13 @@ def create_app(
     app[LIMITS] = Limits(cfg, app[MONOTONIC])
     app[UPLOAD_LOCKS] = {}
     app[UPLOAD_HASHES] = {}
+    limits = app[LIMITS]
+    app[METRICS] = Metrics(uploads_in_flight=lambda: limits.uploads.busy)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_purge_ctx)
+    app.on_startup.append(_metrics_start)  # after the cleanup contexts: the log is open
+    app.on_shutdown.append(_mark_stopping)
+    app.on_response_prepare.append(_log_prepared)
     add_routes(app)
+    add_ops_routes(app)
     return app

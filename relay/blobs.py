@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from relay.errors import storage_failure
@@ -101,15 +102,17 @@ class BlobStore:
         for path in (self.final_path(envelope_id), self.part_path(envelope_id)):
             path.unlink(missing_ok=True)
 
-    def sweep(self, *, stored: set[bytes], uploading: set[bytes]) -> list[str]:
+    def sweep(self, *, stored: set[bytes], uploading: set[bytes], grace: float = 0) -> list[str]:
         """Remove files no envelope owns (left by a crash); returns their names.
 
         A blob under its final name belongs to a stored envelope, a part file to an upload
         in progress. A crash after an upload's last request renamed its part into place but
         before its log batch committed leaves a final blob whose row is still uploading: it
-        goes too (the upload resumes from the row, from 0 as its part is gone).
+        goes too (the upload resumes from the row, from 0 as its part is gone). Files
+        modified less than ``grace`` seconds ago are kept (another node may be writing them).
         """
         removed = []
+        recent = time.time() - grace
         for path in self.root.glob("*/*"):
             part = path.parent == self.incoming
             try:
@@ -117,6 +120,9 @@ class BlobStore:
             except ValueError:
                 continue
             if eid not in (uploading if part else stored):
+                with contextlib.suppress(FileNotFoundError):
+                    if grace and path.stat().st_mtime > recent:
+                        continue
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed

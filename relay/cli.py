@@ -24,11 +24,14 @@ from aiohttp import web
 from protocol.errors import PliError
 from protocol.ids import check_rpps
 from protocol.logentry import EntryType, LogEntry
+from relay.admin import COMMANDS
 from relay.app import create_app
-from relay.config import ConfigError, RelayConfig, load_config
+from relay.config import ConfigError, RelayConfig, load_config, load_config_sources
 from relay.limits import listen
 from relay.log import Skip, device_subject, open_log
-from relay.storage import Practitioner, Storage
+from relay.metrics import METRICS
+from relay.ops import config_text, effective_config
+from relay.storage import Practitioner, SchemaError, Storage, open_storage
 
 __all__ = ["main"]
 
@@ -83,6 +86,13 @@ def new_invitation_code() -> str:
     return "-".join(raw[i : i + 5] for i in range(0, 20, 5))
 
 
+def _config_sources(ctx: click.Context, **overrides: Any) -> tuple[RelayConfig, dict[str, str]]:
+    try:
+        return load_config_sources(file=ctx.obj.get("config"), overrides=overrides)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+
+
 def _config(ctx: click.Context, **overrides: Any) -> RelayConfig:
     try:
         return load_config(file=ctx.obj.get("config"), overrides=overrides)
@@ -103,6 +113,9 @@ def cli(ctx: click.Context, config: Path | None) -> None:
     Invite:       pli-relay invite --data /var/lib/pli --rpps 10000005479 \\
                       --name "Dr Claire Martin" --profession médecin --specialty SM54
     List devices: pli-relay devices --data /var/lib/pli
+    Operations:   pli-relay stats | purge | config   (each with --data, --json, --help)
+    Back up:      pli-relay backup --data /var/lib/pli --to /srv/backup/pli.tar
+    Restore:      pli-relay restore --from /srv/backup/pli.tar --data /var/lib/pli-new
     """
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
@@ -112,26 +125,33 @@ _data_option = click.option(
     "--data", type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the database and blobs [env PLI_RELAY_DATA; default ./pli-relay-data].",
 )
+_database_option = click.option(
+    "--database", help="sqlite (in --data), or a PostgreSQL DSN postgresql://user:password@host/db "
+    "[env PLI_RELAY_DATABASE; default sqlite].",
+)
 
 
 @cli.command()
 @_data_option
+@_database_option
 @click.option("--listen", help="HOST:PORT; port 0 picks a free port [env PLI_RELAY_LISTEN; default 127.0.0.1:8470].")
 @click.pass_context
-def serve(ctx: click.Context, data: Path | None, listen: str | None) -> None:
+def serve(ctx: click.Context, data: Path | None, database: str | None, listen: str | None) -> None:
     """Serve the relay until SIGTERM or Ctrl-C, then finish requests in flight.
 
     The first line on standard output is the URL it listens on, for scripts.
     """
-    cfg = _config(ctx, data=data, listen=listen)
+    cfg, sources = _config_sources(ctx, data=data, database=database, listen=listen)
     configure_logging(cfg.log_format)
     try:
-        asyncio.run(_serve(cfg))
+        asyncio.run(_serve(cfg, sources))
+    except SchemaError as e:
+        raise click.ClickException(str(e)) from e
     except OSError as e:
         raise click.ClickException(f"cannot listen on {cfg.listen}: {e.strerror}") from e
 
 
-async def _serve(cfg: RelayConfig) -> None:
+async def _serve(cfg: RelayConfig, sources: dict[str, str] | None = None) -> None:
     log = structlog.get_logger("pli.relay")
     app = create_app(cfg)
     runner = web.AppRunner(app, shutdown_timeout=cfg.shutdown_timeout, access_log=None)
@@ -144,6 +164,12 @@ async def _serve(cfg: RelayConfig) -> None:
         print(listener.url, flush=True)
         log.info("relay_started", url=listener.url, data=str(cfg.data), max_request=cfg.max_request,
                  max_envelope=cfg.max_envelope, max_connections=cfg.max_connections)
+        app[METRICS].watch_connections(listener.gate)
+        # Every setting, its value and its source, secrets masked (relay.ops.effective_config).
+        settings = effective_config(cfg, sources or {})
+        log.info("effective_config", settings=settings)
+        if sys.stderr.isatty():
+            print(config_text(settings), file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -159,16 +185,41 @@ async def _serve(cfg: RelayConfig) -> None:
     log.info("relay_stopped")
 
 
-def _with_storage(cfg: RelayConfig, fn: Any) -> Any:
+def _with_storage(cfg: RelayConfig, fn: Any, *, check: bool = True) -> Any:
     async def run() -> Any:
-        cfg.data.mkdir(parents=True, exist_ok=True)
-        storage = await Storage.open(cfg.data / "relay.sqlite3")
+        storage = await open_storage(cfg, check=check)
         try:
             return await fn(storage)
         finally:
             await storage.close()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except SchemaError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@cli.command()
+@_data_option
+@_database_option
+@click.pass_context
+def migrate(ctx: click.Context, data: Path | None, database: str | None) -> None:
+    """Bring the database's schema up to this relay's: apply the pending migrations in order.
+
+    Run it after installing a new version and before `serve` (PostgreSQL: also once, on
+    an empty database). Each migration runs in its own transaction; one already applied
+    or out of order is refused, and a schema newer than this relay's is left alone.
+    """
+    cfg = _config(ctx, data=data, database=database)
+
+    async def run(storage: Storage) -> tuple[list[str], int]:
+        done = await storage.migrate(now=int(time.time()))
+        return [f"{m.version} ({m.name})" for m in done], await storage.schema_version()
+
+    done, version = _with_storage(cfg, run, check=False)
+    for name in done:
+        click.echo(f"applied migration {name}")
+    click.echo(f"{'sqlite' if cfg.database == 'sqlite' else 'postgresql'} schema at version {version}: up to date")
 
 
 @cli.command()
@@ -272,6 +323,10 @@ def revoke(ctx: click.Context, data: Path | None, device_id: str) -> None:
     if leaf is None:
         raise click.ClickException("no such active device")
     click.echo(f"Device {device_id} revoked (log entry {leaf}).")
+
+
+for _command in COMMANDS:  # config, stats, purge, backup, restore (relay.admin)
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -7,13 +7,14 @@ Precedence, lowest first: defaults, a TOML file (``--config``), environment vari
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "RelayConfig", "load_config"]
+__all__ = ["ConfigError", "RelayConfig", "load_config", "load_config_sources"]
 
 
 class ConfigError(Exception):
@@ -23,7 +24,10 @@ class ConfigError(Exception):
 @dataclass(frozen=True, kw_only=True)
 class RelayConfig:
     data: Path = Path("pli-relay-data")
-    """Folder holding the SQLite database and the ciphertext blobs."""
+    """Folder holding the SQLite database, the ciphertext blobs and the log key."""
+    database: str = "sqlite"
+    """``sqlite`` (one file in ``data``: one relay node) or a PostgreSQL DSN
+    ``postgresql://user:password@host/db`` (several nodes on one database)."""
     listen: str = "127.0.0.1:8470"
     """HOST:PORT to listen on; port 0 picks a free one (printed at start)."""
     max_request: int = 8 << 20
@@ -49,6 +53,9 @@ class RelayConfig:
     Empty: ``pli-relay.invalid/<key id>`` on first start. It never changes afterwards."""
     group_commit_ms: float = 5.0
     """How long the log sequencer gathers submissions into one transaction and checkpoint, ms."""
+    max_inbox_wait: float = 60.0
+    """Longest a ``GET /v1/inbox?wait=N`` is held open waiting for new mail, seconds (keep it
+    under the reverse proxy's read timeout)."""
     log_format: str = "auto"
     """``json``, ``console`` or ``auto`` (JSON unless stderr is a terminal)."""
 
@@ -82,6 +89,15 @@ class RelayConfig:
     enroll_window: float = 600.0
     """The window of ``enroll_failures``, seconds."""
 
+    # -- operations ----------------------------------------------------------------------
+    metrics: str = "local"
+    """``GET /metrics`` (Prometheus): ``local`` answers loopback clients only, ``on`` everyone,
+    ``off`` nobody (404)."""
+    trusted_proxies: str = ""
+    """Comma-separated addresses or networks (CIDR) of reverse proxies whose
+    ``X-Forwarded-For`` names the client; empty: the header is ignored and the client is
+    the connection's peer."""
+
     @property
     def host(self) -> str:
         return self.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
@@ -94,7 +110,7 @@ class RelayConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
-        for name in ("max_request", "max_envelope", "max_skew", "max_lifetime", "invitation_ttl",
+        for name in ("max_request", "max_envelope", "max_skew", "max_lifetime", "invitation_ttl", "max_inbox_wait",
                      "body_timeout", "min_body_rate", "max_connections", "max_uploads_in_flight",
                      "max_uploads_per_device", "rate_limit", "rate_burst", "device_quota",
                      "enroll_failures", "enroll_window"):
@@ -102,6 +118,20 @@ class RelayConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.log_format not in {"auto", "json", "console"}:
             raise ConfigError("log_format: json, console or auto")
+        if self.database != "sqlite" and not self.database.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("database: sqlite, or a DSN postgresql://user:password@host:port/dbname")
+        if self.metrics not in {"local", "on", "off"}:
+            raise ConfigError("metrics: local, on or off")
+        try:
+            self.proxy_networks  # noqa: B018 - parsed once here so a typo stops the start
+        except ValueError as e:
+            raise ConfigError(f"trusted_proxies: {e}") from e
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``trusted_proxies`` parsed (ValueError on a typo)."""
+        parts = [p.strip() for p in self.trusted_proxies.split(",")]
+        return tuple(ipaddress.ip_network(p, strict=False) for p in parts if p)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -126,8 +156,20 @@ def load_config(
     overrides: dict[str, Any] | None = None,
 ) -> RelayConfig:
     """Merge the three sources over the defaults (see module docstring)."""
+    return load_config_sources(file=file, env=env, overrides=overrides)[0]
+
+
+def load_config_sources(
+    *,
+    file: Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[RelayConfig, dict[str, str]]:
+    """:func:`load_config`, and where each setting came from: ``default``, ``file``
+    (the TOML file), ``env`` (its ``PLI_RELAY_*`` variable) or ``flag``."""
     known = {f.name for f in fields(RelayConfig)}
     values: dict[str, Any] = {}
+    sources = dict.fromkeys(known, "default")
     if file is not None:
         try:
             raw = tomllib.loads(file.read_text(encoding="utf-8"))
@@ -138,12 +180,15 @@ def load_config(
             if k not in known:
                 raise ConfigError(f"config file {file}: unknown setting {k!r}")
             values[k] = _coerce(k, v)
+            sources[k] = "file"
     environ = os.environ if env is None else env
     for k in known:
         v = environ.get(f"PLI_RELAY_{k.upper()}")
         if v is not None:
             values[k] = _coerce(k, v)
+            sources[k] = "env"
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k] = _coerce(k, v)
-    return replace(RelayConfig(), **values)
+            sources[k] = "flag"
+    return replace(RelayConfig(), **values), sources

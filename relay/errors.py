@@ -5,8 +5,8 @@ All are :class:`protocol.errors.PliError`, so one middleware turns every refusal
 ``Retry-After`` header when the refusal says when to come back).
 
 A full or unwritable disk is not the client's fault and not a bug either:
-:func:`storage_failure` recognises it, whether the blob store (``OSError``) or SQLite
-(``sqlite3.Error``) met it, and turns it into ``503 storage_unavailable``.
+:func:`storage_failure` recognises it, whether the blob store (``OSError``), SQLite
+(``sqlite3.Error``) or PostgreSQL met it, and turns it into ``503 storage_unavailable``.
 """
 
 from __future__ import annotations
@@ -87,5 +87,10 @@ def storage_failure(e: BaseException) -> RelayError | None:
     if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
         return storage_unavailable()
     if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_STORAGE_CODES:
+        return storage_unavailable()
+    # PostgreSQL (asyncpg errors carry the SQLSTATE): out of space or resources, the server
+    # shutting down, a read-only standby, the connection lost.
+    sqlstate = getattr(e, "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith(("53", "57P", "08", "25006")):
         return storage_unavailable()
     return None

@@ -15,9 +15,13 @@ Storage, in the relay's database:
 - ``log_checkpoints(size, root, note)``: every signed checkpoint. A size, once signed,
   is never signed again with another root: the sequencer refuses (and stops) first.
 
-Writers other than this process (``pli-relay revoke``) append through the same class:
-each batch re-reads the tree size inside its write transaction, so the in-memory right
-edge of the tree can never silently diverge from the database.
+Writers other than this process (``pli-relay revoke``, other relay nodes on one
+PostgreSQL) append through the same class: each batch runs in the storage's sequencer
+transaction (exclusive on every engine: ``BEGIN IMMEDIATE`` on SQLite, an advisory lock
+on PostgreSQL) and re-reads the tree size inside it, so the in-memory right edge of the
+tree can never silently diverge from the database, and the checkpoint of a size is
+signed and stored in the very transaction that appends its leaves: a size is never
+signed twice, whichever node appends next. Every node serves the latest stored checkpoint.
 """
 
 from __future__ import annotations
@@ -30,20 +34,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiosqlite
 import nacl.signing
 import structlog
 
 from protocol import merkle, note
 from protocol.logentry import LogEntry
 from relay.errors import storage_failure
-from relay.storage import Storage
+from relay.storage import Storage, Tx
 
 __all__ = ["Appended", "LogIntegrityError", "Skip", "TransparencyLog", "device_subject", "load_log_key"]
 
 log = structlog.get_logger("pli.relay.log")
 
-Action = Callable[[aiosqlite.Connection], Awaitable[None]]
+Action = Callable[[Tx], Awaitable[None]]
 _ZERO = bytes(32)
 MAX_BATCH = 2048
 
@@ -138,20 +141,17 @@ class TransparencyLog:
                 tree whose root is not its last signed checkpoint's.
         """
         for key, value in (("log_origin", self.origin), ("log_vkey", self.verifier.vkey)):
-            stored = await self.storage.meta(key)
-            if stored is None:
-                await self.storage.set_meta(key, value)
-            elif stored != value:
+            # Set once, by whichever node starts first; every later start must agree.
+            stored = await self.storage.init_meta(key, value)
+            if stored != value:
                 raise LogIntegrityError(
                     f"this relay's log has {key} {stored!r}, not {value!r}: a log's origin and key "
                     "never change (start a new log, with a new origin, in a new data folder)"
                 )
-        async with self.storage.transaction() as tx:
+        async with self.storage.sequencer_transaction() as tx:
             await self._reload(tx)
-            if self._range.size == 0:
-                cur = await tx.execute("SELECT 1 FROM log_checkpoints WHERE size = 0")
-                if await cur.fetchone() is None:
-                    await self._store_checkpoint(tx, self._range)
+            if self._range.size == 0 and await tx.fetchone("SELECT 1 FROM log_checkpoints WHERE size = 0") is None:
+                await self._store_checkpoint(tx, self._range)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -221,7 +221,7 @@ class TransparencyLog:
         done: list[tuple[_Pending, int, bytes]] = []
         refused: list[tuple[_Pending, Exception]] = []
         try:
-            async with self.storage.transaction() as tx:
+            async with self.storage.sequencer_transaction() as tx:
                 await self._reload(tx)
                 rng = self._range.copy()
                 now = self._clock()
@@ -271,10 +271,9 @@ class TransparencyLog:
             if not p.future.done():  # a caller that went away still has its leaf logged
                 p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint))
 
-    async def _store_checkpoint(self, tx: aiosqlite.Connection, rng: merkle.CompactRange) -> str:
+    async def _store_checkpoint(self, tx: Tx, rng: merkle.CompactRange) -> str:
         root = rng.root()
-        cur = await tx.execute("SELECT root FROM log_checkpoints WHERE size = ?", (rng.size,))
-        row = await cur.fetchone()
+        row = await tx.fetchone("SELECT root FROM log_checkpoints WHERE size = ?", (rng.size,))
         if row is not None and row[0] != root:
             raise LogIntegrityError(
                 f"refusing to sign a second, different root for tree size {rng.size}"
@@ -287,22 +286,19 @@ class TransparencyLog:
             )
         return text
 
-    async def _reload(self, tx: aiosqlite.Connection) -> None:
+    async def _reload(self, tx: Tx) -> None:
         """Bring the in-memory right edge in line with the database (another writer may have appended)."""
-        cur = await tx.execute("SELECT MAX(size) FROM log_checkpoints")
-        row = await cur.fetchone()
+        row = await tx.fetchone("SELECT MAX(size) FROM log_checkpoints")
         size = int(row[0]) if row and row[0] is not None else 0
         if size == self._range.size and (size == 0 or self._range.hashes):
             return
         need = merkle.perfect_subtrees(0, size) if size else []
         found = await self._nodes(tx, set(need))
         rng = merkle.CompactRange.from_store(size, lambda level, idx: found[(level, idx)])
-        cur = await tx.execute("SELECT root FROM log_checkpoints WHERE size = ?", (size,))
-        row = await cur.fetchone()
+        row = await tx.fetchone("SELECT root FROM log_checkpoints WHERE size = ?", (size,))
         if row is not None and row[0] != rng.root():
             raise LogIntegrityError(f"the stored tree of size {size} does not match its signed checkpoint")
-        cur = await tx.execute("SELECT MAX(idx) FROM log_leaves")  # one index lookup
-        row = await cur.fetchone()
+        row = await tx.fetchone("SELECT MAX(idx) FROM log_leaves")  # one index lookup
         leaves = 0 if row is None or row[0] is None else int(row[0]) + 1
         if leaves != size:
             raise LogIntegrityError(
@@ -313,19 +309,8 @@ class TransparencyLog:
 
     # -- reading and proving ---------------------------------------------------------------
 
-    @staticmethod
-    async def _nodes(db: aiosqlite.Connection, need: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        found: dict[tuple[int, int], bytes] = {}
-        pairs = sorted(need)
-        for i in range(0, len(pairs), 400):
-            chunk = pairs[i : i + 400]
-            marks = ",".join("(?, ?)" for _ in chunk)
-            rows = await db.execute_fetchall(  # one call: see Storage.read_all
-                f"SELECT level, idx, hash FROM log_nodes WHERE (level, idx) IN (VALUES {marks})",  # noqa: S608
-                [v for pair in chunk for v in pair],
-            )
-            for level, idx, h in rows:
-                found[(level, idx)] = h
+    async def _nodes(self, tx: Tx | None, need: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        found = await self.storage.log_nodes(need, tx)
         missing = need - found.keys()
         if missing:
             raise LogIntegrityError(f"log nodes missing from storage: {sorted(missing)[:4]}")
@@ -341,7 +326,7 @@ class TransparencyLog:
             return _ZERO
 
         prover(merkle.range_hasher(record))
-        found = await self._nodes(self.storage.db, need)
+        found = await self._nodes(None, need)
         return prover(merkle.range_hasher(lambda level, idx: found[(level, idx)]))
 
     async def size(self) -> int:

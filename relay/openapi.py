@@ -100,6 +100,15 @@ _SCHEMAS: dict[str, Any] = {
         description="A log leaf and the proof that the log holds it (SPEC.md §11.5).",
     ),
     "Health": _obj({"status": {"const": "ok"}}),
+    "Ready": _obj({
+        "status": {"const": "ready"},
+        "checks": _obj({
+            "database": {"const": "ok", "description": "the database answered and took a write"},
+            "blobs": {"const": "ok", "description": "the blob folder took a file"},
+            "log": {"const": "ok", "description": "the log has not failed an integrity check"},
+            "stopping": {"const": "no", "description": "the relay is not shutting down"},
+        }),
+    }),
     "Enrolment": _obj(
         {
             "v": {"const": 1},
@@ -300,6 +309,18 @@ def _paths() -> dict[str, dict[str, Any]]:
     return {
         "/healthz": {"get": _op("health", "Liveness", {200: _json("Health", "The relay is up")}, (),
                                 public=True, tag="public")},
+        "/livez": {"get": _op("livez", "Liveness: the process answers (nothing else is checked)",
+                              {200: _json("Health", "The relay is up")}, (), public=True, tag="operations")},
+        "/readyz": {"get": _op(
+            "readyz", "Readiness: database reachable and writable, blob folder writable, log sound, not stopping",
+            {200: _json("Ready", "Ready to serve")}, (), public=True, tag="operations",
+        )},
+        "/metrics": {"get": _op(
+            "metrics", "Prometheus metrics (text format); who may read them: setting `metrics` (local, on, off)",
+            {200: {"description": "Prometheus text exposition format 0.0.4",
+                   "content": {TEXT_TYPE: {"schema": {"type": "string"}}}}},
+            (403, 404), public=True, tag="operations",
+        )},
         OPENAPI_PATH: {"get": _op("openapi", "This document", {200: {
             "description": "The relay's OpenAPI 3.1 document",
             "content": {JSON_TYPE: {"schema": {"type": "object", "required": ["openapi", "paths"]}}},
@@ -324,6 +345,13 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/inbox": {"get": _op(
             "inbox", "Complete, unexpired, unacknowledged envelopes for this device, oldest first (SPEC.md §7.5)",
             {200: _json("Inbox", "The envelopes")}, _BODY_GET,
+            params=[{
+                "name": "wait", "in": "query", "required": False,
+                "schema": {"type": "integer", "minimum": 0, "maximum": 60},
+                "description": "long poll: when the inbox is empty, answer as soon as new mail arrives (on any "
+                               "relay node) or after this many seconds (at most 60, or the relay's "
+                               "max_inbox_wait); decimal, no sign or leading zero (else 400 malformed)",
+            }],
         )},
         "/v1/envelopes/{id}": {
             "put": _op(
@@ -461,6 +489,7 @@ def document() -> dict[str, Any]:
             {"name": "upload", "description": "Resumable envelope upload"},
             {"name": "mailbox", "description": "Inbox, download, acknowledgement"},
             {"name": "log", "description": "Transparency log: receipts, proofs, signed statements"},
+            {"name": "operations", "description": "Probes and metrics for the relay's operator (no signature)"},
         ],
         "security": [{"httpSignature": []}],
         "paths": _with_head(_paths()),

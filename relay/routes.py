@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -13,7 +14,6 @@ import re
 from dataclasses import replace
 from typing import Any
 
-import aiosqlite
 import nacl.signing
 import structlog
 from aiohttp import web
@@ -42,7 +42,7 @@ from relay.limits import BodyReader, client_address
 from relay.log import Skip, device_subject, receipt_json
 from relay.logroutes import add_log_routes
 from relay.openapi import add_openapi_route
-from relay.storage import Device, EnvelopeRow, Practitioner
+from relay.storage import Device, EnvelopeRow, Practitioner, Tx
 
 __all__ = ["ENVELOPE_TYPE", "add_routes", "purge_once"]
 
@@ -150,7 +150,7 @@ async def _enroll(request: web.Request) -> web.Response:
     storage = request.app[STORAGE]
     found: list[Practitioner] = []
 
-    async def action(tx: aiosqlite.Connection) -> None:
+    async def action(tx: Tx) -> None:
         found.append(await storage.enroll(
             code, device_id=device.device_id, sign_key=device.sign_key, cert=device.cert,
             sig=device.sig, now=request.app[CLOCK](), tx=tx,
@@ -234,10 +234,30 @@ def _status_json(row: EnvelopeRow) -> dict[str, Any]:
     }
 
 
+MAX_INBOX_WAIT = 60
+
+
+def _wait(request: web.Request) -> int:
+    raw = request.query.get("wait", "0")
+    if not (raw.isascii() and raw.isdigit()) or (len(raw) > 1 and raw[0] == "0") or int(raw) > MAX_INBOX_WAIT:
+        raise DecodeError(f"wait must be a whole number of seconds, 0 to {MAX_INBOX_WAIT}")
+    return int(raw)
+
+
 async def inbox(request: web.Request) -> web.Response:
     device: Device = request[DEVICE]
     await _small_body(request, 0)
-    rows = await request.app[STORAGE].inbox(device.device_id, now=request.app[CLOCK]())
+    wait = min(_wait(request), request.app[CONFIG].max_inbox_wait)
+    storage, clock = request.app[STORAGE], request.app[CLOCK]
+    # Listening before the first read: mail committed in between still wakes this request.
+    async with storage.mail_waiter(device.device_id) as mail:
+        rows = await storage.inbox(device.device_id, now=clock())
+        if not rows and wait > 0:
+            # A long poll: answered as soon as mail for this device is committed, on any node.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await mail.wait()
+            rows = await storage.inbox(device.device_id, now=clock())
     return web.json_response(
         {
             "envelopes": [
@@ -320,7 +340,7 @@ async def ack_envelope(request: web.Request) -> web.Response:
     now = app[CLOCK]()
     state: list[bool] = []
 
-    async def action(tx: aiosqlite.Connection) -> None:
+    async def action(tx: Tx) -> None:
         done = await app[STORAGE].acknowledge(envelope_id, device.device_id, now=now, tx=tx)
         if done is None:
             raise Skip  # acknowledged before: the delivery is already in the log
@@ -423,12 +443,9 @@ async def _log_act(request: web.Request, signed: LogEntry) -> web.Response:
     """Log a practitioner's signed act once; asking again returns the same receipt."""
     app = request.app
 
-    async def action(tx: aiosqlite.Connection) -> None:
-        cur = await tx.execute(
-            "SELECT data FROM log_leaves WHERE envelope_id = ? AND type = ?", (signed.envelope_id, int(signed.type))
-        )
-        for (data,) in await cur.fetchall():
-            if LogEntry.from_bytes(bytes(data)).device_id == signed.device_id:
+    async def action(tx: Tx) -> None:
+        for data in await app[STORAGE].logged_acts(tx, signed.envelope_id, int(signed.type)):
+            if LogEntry.from_bytes(data).device_id == signed.device_id:
                 raise Skip
 
     try:
@@ -713,7 +730,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         raise
     os.close(fd)
 
-    async def record(tx: aiosqlite.Connection | None = None) -> None:
+    async def record(tx: Tx | None = None) -> None:
         if row is None:
             await storage.create_envelope(
                 envelope_id=header.id, sender=header.sender, prefix=prefix,
@@ -722,6 +739,8 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             )
         else:
             await storage.set_received(header.id, pos, complete=complete, now=now, tx=tx)
+        if complete and tx is not None:
+            await storage.notify_mail(tx, header.to)  # wakes waiting inboxes, on every node
 
     receipt = None
     if complete:

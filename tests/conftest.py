@@ -39,6 +39,9 @@ from relay.config import RelayConfig
 from relay.routes import ENVELOPE_TYPE
 from relay.storage import Practitioner, Storage
 
+#: the throwaway PostgreSQL cluster (tests/_pg.py): pg_server, pg_dsn, pg_empty_dsn
+pytest_plugins = ["_pg"]
+
 PROBLEM_TYPE = "application/problem+json"
 
 #: valid RPPS numbers (Luhn) and who they are
@@ -241,7 +244,11 @@ class Relay:
         return sorted(self.incoming.iterdir())
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Read the database through a separate SQLite connection, as an auditor would."""
+        """Read the database through a separate connection, as an auditor would."""
+        if self.cfg.database != "sqlite":
+            from _pg import query  # noqa: PLC0415 - the plugin, imported by pytest_plugins first
+
+            return query(self.cfg.database, sql, args)
         db = sqlite3.connect(f"file:{self.data / 'relay.sqlite3'}?mode=ro", uri=True)
         try:
             return db.execute(sql, args).fetchall()

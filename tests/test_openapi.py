@@ -205,6 +205,9 @@ async def test_real_requests_answer_as_documented(relay: Relay) -> None:
     # Public: health, enrolment and its refusals.
     assert (await c.raw("GET", "/healthz")).status == 200
     assert (await c.raw("HEAD", "/healthz")).status == 200
+    # Operations (relay.ops): probes, and metrics for a loopback client (the default `metrics = local`).
+    for path in ("/livez", "/readyz", "/metrics"):
+        assert (await c.raw("GET", path)).status == 200
     gp_keys = DeviceKeys.generate(now=now)
     code = await relay.invite(GP)
     assert (await c.raw("POST", "/v1/enroll", _enrol_body(code, gp_keys), msgpack_h)).status == 201
@@ -342,8 +345,10 @@ class LiveRelay:
         from aiohttp import web  # noqa: PLC0415
 
         # Rate limits out of the way: a fuzzer answered 429 half the time reaches no handler.
+        # Long polls (GET /v1/inbox?wait=N on an empty inbox) held 50 ms, not up to a minute.
         self.app = create_app(RelayConfig(data=data, listen="127.0.0.1:0", purge_interval=3600.0,
-                                          rate_limit=1e6, rate_burst=1_000_000, enroll_failures=1_000_000))
+                                          rate_limit=1e6, rate_burst=1_000_000, enroll_failures=1_000_000,
+                                          max_inbox_wait=0.05))
         self.runner = web.AppRunner(self.app, handle_signals=False)
         self.run(self.runner.setup())
         self.run(web.TCPSite(self.runner, "127.0.0.1", 0).start())

@@ -1,0 +1,39 @@
+"""The relay's database: public keys, routing headers and delivery state, never content.
+
+One interface (:class:`Storage`), two engines: SQLite (``_sqlite``, the embedded
+default, one node) and PostgreSQL (``_pg``, several nodes on one database), chosen by
+the ``database`` setting; schema migrations in ``migrations``.
+"""
+
+from __future__ import annotations
+
+from relay.config import RelayConfig
+from relay.storage._base import Device, EnvelopeRow, Practitioner, Storage, Tx, code_hash, normalise_code
+from relay.storage.migrations import Migration, SchemaError
+
+__all__ = [
+    "Device",
+    "EnvelopeRow",
+    "Migration",
+    "Practitioner",
+    "SchemaError",
+    "Storage",
+    "Tx",
+    "code_hash",
+    "normalise_code",
+    "open_storage",
+    "storage_location",
+]
+
+
+def storage_location(cfg: RelayConfig) -> str:
+    """The database a relay with ``cfg`` uses: the SQLite file in its data folder, or the DSN."""
+    return str(cfg.data / "relay.sqlite3") if cfg.database == "sqlite" else cfg.database
+
+
+async def open_storage(cfg: RelayConfig, *, check: bool = True) -> Storage:
+    """The relay's storage as ``cfg`` says (see :meth:`Storage.open`)."""
+    if cfg.database == "sqlite":
+        cfg.data.mkdir(parents=True, exist_ok=True)
+        return await Storage.open(cfg.data / "relay.sqlite3", check=check)
+    return await Storage.open(cfg.database, check=check)

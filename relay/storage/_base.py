@@ -1,0 +1,501 @@
+"""The storage interface: what the relay keeps, in SQL both engines speak.
+
+:class:`Storage` holds every query the relay runs, written once with ``?`` placeholders
+in the SQL that SQLite and PostgreSQL share; an engine (``_sqlite``, ``_pg``) supplies the
+connections, transactions, and the few statements that differ (the log's node lookup,
+locking the sequencer, waking waiting inboxes). A :class:`Tx` is one open write
+transaction; functions that take ``tx`` join the caller's (the log sequencer's) or open
+their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from relay.errors import RelayError
+from relay.storage.migrations import Migration, SchemaError
+
+__all__ = ["Device", "EnvelopeRow", "Practitioner", "Storage", "Tx", "code_hash", "normalise_code"]
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Practitioner:
+    rpps: str
+    name: str
+    profession: str
+    specialty: str
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: bytes
+    rpps: str
+    sign_key: bytes
+    cert: bytes
+    sig: bytes
+    enrolled: int
+    revoked: int | None
+
+
+@dataclass(frozen=True)
+class EnvelopeRow:
+    id: bytes
+    sender: bytes
+    prefix: bytes
+    envelope_hash: bytes
+    size: int
+    created: int
+    expires: int
+    received: int
+    state: str
+    received_at: int | None
+
+
+def code_hash(code: str) -> bytes:
+    """Invitation codes are stored hashed: a copy of the database enrols nobody."""
+    return hashlib.sha256(normalise_code(code).encode()).digest()
+
+
+def normalise_code(code: str) -> str:
+    return "".join(code.split()).replace("-", "").upper()
+
+
+class Tx(ABC):
+    """One open write transaction. SQL uses ``?`` placeholders on both engines."""
+
+    def __init__(self) -> None:
+        #: run once the transaction has committed (never on rollback)
+        self.after_commit: list[Callable[[], None]] = []
+
+    @abstractmethod
+    async def execute(self, sql: str, args: Iterable[Any] = ()) -> int:
+        """Run one statement; returns the number of rows it changed."""
+
+    @abstractmethod
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    @abstractmethod
+    async def fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[Row]: ...
+
+    async def fetchone(self, sql: str, args: Iterable[Any] = ()) -> Row | None:
+        rows = await self.fetchall(sql, args)
+        return rows[0] if rows else None
+
+
+class Storage(ABC):
+    """The relay's database, on one engine. Open with :meth:`open`."""
+
+    engine: ClassVar[str]
+    #: the engine's numbered migrations, in order (relay.storage.migrations)
+    MIGRATIONS: ClassVar[tuple[Migration, ...]]
+
+    def __init__(self) -> None:
+        self.migrations = self.MIGRATIONS
+        self._mail_waiters: dict[bytes, set[asyncio.Event]] = {}
+
+    @staticmethod
+    async def open(
+        location: Path | str, *, migrations: tuple[Migration, ...] | None = None, check: bool = True
+    ) -> Storage:
+        """A path: SQLite (a brand-new file is created at the latest schema); a
+        ``postgresql://`` DSN: PostgreSQL (migrated beforehand by ``pli-relay migrate``).
+
+        Raises:
+            SchemaError: the schema is older than this relay's (run ``pli-relay migrate``)
+                or newer / unknown (not with ``check=False``: for ``pli-relay migrate``).
+        """
+        if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
+            from relay.storage._pg import PostgresStorage  # noqa: PLC0415 - asyncpg only when asked for
+
+            return await PostgresStorage.connect(location, migrations=migrations, check=check)
+        from relay.storage._sqlite import SqliteStorage  # noqa: PLC0415
+
+        return await SqliteStorage.connect(Path(location), migrations=migrations, check=check)
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+
+    def sequencer_transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """The log sequencer's transaction: only one at a time appends, on every node."""
+        return self.transaction()
+
+    @abstractmethod
+    async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        """Rows of a read outside any write transaction (only committed data)."""
+
+    async def read_one(self, sql: str, args: Iterable[Any] = ()) -> Row | None:
+        rows = await self.read_all(sql, args)
+        return rows[0] if rows else None
+
+    @asynccontextmanager
+    async def _tx(self, tx: Tx | None) -> AsyncIterator[Tx]:
+        """Join the caller's transaction (the log sequencer's) or open one."""
+        if tx is not None:
+            yield tx
+            return
+        async with self.transaction() as db:
+            yield db
+
+    # -- schema ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def _applied(self) -> list[tuple[int, str]]:
+        """(version, name) of each migration recorded in ``schema_migrations``, in order."""
+
+    @abstractmethod
+    async def _apply(self, migration: Migration, *, now: int) -> None:
+        """Run one migration and record it, in one transaction, refusing (SchemaError) if
+        it is not exactly the next one."""
+
+    async def schema_version(self) -> int:
+        return len(await self._applied())
+
+    async def check_schema(self) -> None:
+        """Refuse a schema this relay does not know, or one not migrated to the latest.
+
+        Raises:
+            SchemaError: with what the operator should do.
+        """
+        applied = await self._applied()
+        _check_prefix(applied, self.migrations)
+        latest = len(self.migrations)
+        if len(applied) < latest:
+            raise SchemaError(
+                f"the {self.engine} database is at schema version {len(applied)}, this relay needs "
+                f"{latest}: run `pli-relay migrate` first (with the same --data/--database)"
+            )
+
+    async def migrate(self, *, now: int) -> list[Migration]:
+        """Apply the pending migrations in order, each in its own transaction; returns them."""
+        versions = [m.version for m in self.migrations]
+        if versions != list(range(1, len(versions) + 1)):
+            raise SchemaError(f"this relay's migrations are out of order: {versions}")
+        applied = await self._applied()
+        _check_prefix(applied, self.migrations)
+        done = []
+        for m in self.migrations[len(applied):]:
+            await self._apply(m, now=now)
+            done.append(m)
+        return done
+
+    async def apply_migration(self, migration: Migration, *, now: int) -> None:
+        """Apply one migration; refused if already applied or not the next one."""
+        await self._apply(migration, now=now)
+
+    # -- new mail -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def mail_waiter(self, device_id: bytes) -> AsyncIterator[asyncio.Event]:
+        """An event set when new mail for ``device_id`` is committed (on any node), from
+        the moment the block is entered: enter it before reading the inbox."""
+        event = asyncio.Event()
+        waiters = self._mail_waiters.setdefault(device_id, set())
+        waiters.add(event)
+        try:
+            yield event
+        finally:
+            waiters.discard(event)
+            if not waiters and self._mail_waiters.get(device_id) is waiters:
+                del self._mail_waiters[device_id]
+
+    def _wake(self, device_ids: Iterable[bytes]) -> None:
+        for d in device_ids:
+            for event in self._mail_waiters.get(d, ()):
+                event.set()
+
+    async def notify_mail(self, tx: Tx, device_ids: Sequence[bytes]) -> None:
+        """Wake the inboxes of ``device_ids`` waiting on any node, once ``tx`` commits."""
+        ids = list(device_ids)
+        tx.after_commit.append(lambda: self._wake(ids))
+
+    # -- log ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def log_nodes(self, need: set[tuple[int, int]], tx: Tx | None = None) -> dict[tuple[int, int], bytes]:
+        """The stored hashes of the log nodes ``need`` that exist (through ``tx`` if given)."""
+
+    async def init_meta(self, key: str, value: str) -> str:
+        """Store ``value`` under ``key`` unless a value is there already; returns the stored one."""
+        async with self.transaction() as tx:
+            await tx.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (key, value))
+            row = await tx.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        assert row is not None
+        return str(row[0])
+
+    async def meta(self, key: str) -> str | None:
+        row = await self.read_one("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(row[0]) if row else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    async def logged_acts(self, tx: Tx, envelope_id: bytes, entry_type: int) -> list[bytes]:
+        """The leaves of one type about an envelope, seen from inside ``tx``."""
+        rows = await tx.fetchall(
+            "SELECT data FROM log_leaves WHERE envelope_id = ? AND type = ?", (envelope_id, entry_type)
+        )
+        return [bytes(r[0]) for r in rows]
+
+    # -- practitioners, invitations, devices ------------------------------------------
+
+    async def create_invitation(
+        self, practitioner: Practitioner, code: str, *, now: int, expires: int
+    ) -> None:
+        async with self.transaction() as db:
+            await db.execute(
+                "INSERT INTO practitioners (rpps, name, profession, specialty, created)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rpps) DO UPDATE SET"
+                " name = excluded.name, profession = excluded.profession,"
+                " specialty = excluded.specialty",
+                (practitioner.rpps, practitioner.name, practitioner.profession,
+                 practitioner.specialty, now),
+            )
+            await db.execute(
+                "INSERT INTO invitations (code_hash, rpps, created, expires) VALUES (?, ?, ?, ?)",
+                (code_hash(code), practitioner.rpps, now, expires),
+            )
+
+    async def enroll(
+        self,
+        code: str,
+        *,
+        device_id: bytes,
+        sign_key: bytes,
+        cert: bytes,
+        sig: bytes,
+        now: int,
+        tx: Tx | None = None,
+    ) -> Practitioner:
+        """Use an invitation and add the device, atomically.
+
+        Raises:
+            RelayError: ``invalid_invitation`` (unknown, used or expired: one answer for
+                all three) or ``device_exists``.
+        """
+        async with self._tx(tx) as db:
+            row = await db.fetchone(
+                "SELECT rpps FROM invitations WHERE code_hash = ? AND used_at IS NULL AND expires > ?",
+                (code_hash(code), now),
+            )
+            if row is None:
+                raise RelayError(
+                    "invalid_invitation", 403, "this invitation code is unknown, used or expired"
+                )
+            if await db.fetchone(
+                "SELECT 1 FROM devices WHERE device_id = ? OR sign_key = ?", (device_id, sign_key)
+            ) is not None:
+                raise RelayError("device_exists", 409, "this device is already enrolled")
+            await db.execute(
+                "UPDATE invitations SET used_at = ?, device_id = ? WHERE code_hash = ?",
+                (now, device_id, code_hash(code)),
+            )
+            await db.execute(
+                "INSERT INTO devices (device_id, rpps, sign_key, cert, sig, enrolled)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (device_id, row[0], sign_key, cert, sig, now),
+            )
+            p = await db.fetchone(
+                "SELECT rpps, name, profession, specialty FROM practitioners WHERE rpps = ?", (row[0],)
+            )
+        assert p is not None  # the invitation's foreign key guarantees it
+        return Practitioner(*p)
+
+    async def practitioner(self, rpps: str) -> Practitioner | None:
+        row = await self.read_one(
+            "SELECT rpps, name, profession, specialty FROM practitioners WHERE rpps = ?", (rpps,)
+        )
+        return Practitioner(*row) if row else None
+
+    _DEV_COLS = "device_id, rpps, sign_key, cert, sig, enrolled, revoked"
+
+    async def device(self, device_id: bytes) -> Device | None:
+        row = await self.read_one(f"SELECT {self._DEV_COLS} FROM devices WHERE device_id = ?", (device_id,))  # noqa: S608
+        return Device(*row) if row else None
+
+    async def devices_of(self, rpps: str, *, include_revoked: bool = False) -> list[Device]:
+        rows = await self.read_all(
+            f"SELECT {self._DEV_COLS} FROM devices"  # noqa: S608 - constant columns
+            " WHERE rpps = ? AND (? OR revoked IS NULL) ORDER BY enrolled, device_id",
+            (rpps, include_revoked),
+        )
+        return [Device(*r) for r in rows]
+
+    async def all_devices(self) -> list[Device]:
+        rows = await self.read_all(f"SELECT {self._DEV_COLS} FROM devices ORDER BY rpps, enrolled")  # noqa: S608
+        return [Device(*r) for r in rows]
+
+    async def revoke_device(self, device_id: bytes, *, now: int, tx: Tx | None = None) -> bool:
+        async with self._tx(tx) as db:
+            return await db.execute(
+                "UPDATE devices SET revoked = ? WHERE device_id = ? AND revoked IS NULL", (now, device_id)
+            ) == 1
+
+    async def use_nonce(self, device_id: bytes, nonce: str, *, expires: int) -> bool:
+        """Record a request nonce; False if this device used it before (a replay)."""
+        async with self.transaction() as db:
+            return await db.execute(
+                "INSERT INTO nonces (device_id, nonce, expires) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (device_id, nonce, expires),
+            ) == 1
+
+    # -- envelopes ----------------------------------------------------------------------
+
+    _ENV_COLS = (
+        "id, sender, prefix, envelope_hash, size, created, expires, received, state, received_at"
+    )
+
+    async def envelope(self, envelope_id: bytes) -> EnvelopeRow | None:
+        row = await self.read_one(
+            f"SELECT {self._ENV_COLS} FROM envelopes WHERE id = ?",  # noqa: S608 - constant
+            (envelope_id,),
+        )
+        return EnvelopeRow(*row) if row else None
+
+    async def create_envelope(
+        self,
+        *,
+        envelope_id: bytes,
+        sender: bytes,
+        prefix: bytes,
+        envelope_hash: bytes,
+        size: int,
+        created: int,
+        expires: int,
+        to: Iterable[bytes],
+        received: int,
+        now: int,
+        tx: Tx | None = None,
+    ) -> None:
+        """Insert an envelope and its deliveries in one transaction."""
+        state = "stored" if received == size else "uploading"
+        async with self._tx(tx) as db:
+            await db.execute(
+                "INSERT INTO envelopes (id, sender, prefix, envelope_hash, size, created, expires,"
+                " received, state, started_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (envelope_id, sender, prefix, envelope_hash, size, created, expires, received,
+                 state, now, now if state == "stored" else None),
+            )
+            await db.executemany(
+                "INSERT INTO deliveries (envelope_id, device_id) VALUES (?, ?)",
+                [(envelope_id, d) for d in to],
+            )
+
+    async def set_received(
+        self, envelope_id: bytes, received: int, *, complete: bool, now: int, tx: Tx | None = None
+    ) -> None:
+        async with self._tx(tx) as db:
+            await db.execute(
+                "UPDATE envelopes SET received = ?, state = ?, received_at = ? WHERE id = ?",
+                (received, "stored" if complete else "uploading", now if complete else None,
+                 envelope_id),
+            )
+
+    async def discard_upload(self, envelope_id: bytes) -> None:
+        """Forget an upload that can never complete (its bytes do not hash to its header)."""
+        async with self.transaction() as db:
+            await db.execute("DELETE FROM deliveries WHERE envelope_id = ?", (envelope_id,))
+            await db.execute("DELETE FROM envelopes WHERE id = ? AND state = 'uploading'", (envelope_id,))
+
+    async def unacknowledged_bytes(self, sender: bytes, *, now: int) -> int:
+        """Ciphertext bytes of ``sender``'s envelopes that not every recipient acknowledged:
+        uploads in progress (at their full size) and stored, unexpired envelopes."""
+        row = await self.read_one(
+            "SELECT COALESCE(SUM(size), 0) FROM envelopes WHERE sender = ? AND state IN ('uploading', 'stored')"
+            " AND all_acked_at IS NULL AND expires > ?",
+            (sender, now),
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def recipients(self, envelope_id: bytes) -> dict[bytes, int | None]:
+        rows = await self.read_all("SELECT device_id, acked_at FROM deliveries WHERE envelope_id = ?", (envelope_id,))
+        return {r[0]: r[1] for r in rows}
+
+    async def inbox(self, device_id: bytes, *, now: int) -> list[tuple[EnvelopeRow, str]]:
+        cols = ", ".join("e." + c.strip() for c in self._ENV_COLS.split(","))
+        rows = await self.read_all(
+            f"SELECT {cols}, COALESCE(s.rpps, '') FROM deliveries d"  # noqa: S608 - constant columns
+            " JOIN envelopes e ON e.id = d.envelope_id"
+            " LEFT JOIN devices s ON s.device_id = e.sender"
+            " WHERE d.device_id = ? AND d.acked_at IS NULL AND e.state = 'stored'"
+            " AND e.expires > ? ORDER BY e.received_at, e.id",
+            (device_id, now),
+        )
+        return [(EnvelopeRow(*r[:10]), r[10]) for r in rows]
+
+    async def acknowledge(
+        self, envelope_id: bytes, device_id: bytes, *, now: int, tx: Tx | None = None
+    ) -> bool | None:
+        """Mark delivered; True when every recipient device has now acknowledged, None if this
+        device had already acknowledged (nothing changed)."""
+        async with self._tx(tx) as db:
+            changed = await db.execute(
+                "UPDATE deliveries SET acked_at = ? WHERE envelope_id = ? AND device_id = ? AND acked_at IS NULL",
+                (now, envelope_id, device_id),
+            )
+            if changed == 0:
+                return None
+            row = await db.fetchone(
+                "SELECT COUNT(*) FROM deliveries WHERE envelope_id = ? AND acked_at IS NULL", (envelope_id,)
+            )
+            assert row is not None
+            left = int(row[0])
+            if left == 0:
+                await db.execute(
+                    "UPDATE envelopes SET all_acked_at = COALESCE(all_acked_at, ?) WHERE id = ?",
+                    (now, envelope_id),
+                )
+            return left == 0
+
+    async def purgeable(self, *, now: int, ack_retention: int, stale_upload: int) -> list[bytes]:
+        """Envelopes whose ciphertext may go: acknowledged by all, expired, or abandoned."""
+        rows = await self.read_all(
+            "SELECT id FROM envelopes WHERE state != 'deleted' AND ("
+            " (all_acked_at IS NOT NULL AND all_acked_at + ? <= ?)"
+            " OR expires <= ?"
+            " OR (state = 'uploading' AND started_at + ? <= ?))",
+            (ack_retention, now, now, stale_upload, now),
+        )
+        return [r[0] for r in rows]
+
+    async def mark_deleted(self, envelope_ids: list[bytes]) -> None:
+        if not envelope_ids:
+            return
+        async with self.transaction() as db:
+            await db.executemany("UPDATE envelopes SET state = 'deleted' WHERE id = ?", [(i,) for i in envelope_ids])
+
+    async def purge_nonces(self, *, now: int) -> int:
+        async with self.transaction() as db:
+            return await db.execute("DELETE FROM nonces WHERE expires <= ?", (now,))
+
+    async def envelope_ids(self, state: str) -> set[bytes]:
+        """The ids of the envelopes in ``state`` (uploading, stored, deleted)."""
+        rows = await self.read_all("SELECT id FROM envelopes WHERE state = ?", (state,))
+        return {r[0] for r in rows}
+
+
+def _check_prefix(applied: list[tuple[int, str]], known: tuple[Migration, ...]) -> None:
+    """The recorded migrations must be the first ones this relay knows, in order."""
+    for i, (version, name) in enumerate(applied):
+        if i >= len(known) or (known[i].version, known[i].name) != (version, name):
+            raise SchemaError(
+                f"the database has schema migration {version} ({name}), which this relay does not know: "
+                "it was migrated by a newer relay; run that version (or restore a backup)"
+            )

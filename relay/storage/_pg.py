@@ -1,0 +1,169 @@
+"""The engine for several relay nodes: PostgreSQL through asyncpg.
+
+Every node runs the same queries as on SQLite (``?`` becomes ``$n`` here), in READ
+COMMITTED transactions from a small pool. Two things differ:
+
+- the log sequencer's batch transaction first takes a transaction-scoped advisory lock
+  (``pg_advisory_xact_lock``), so exactly one node appends at a time; each statement after
+  it sees what the previous holder committed, and the lock goes with the commit or the
+  rollback (a node that dies mid-batch loses its connection, hence its transaction:
+  nothing of the batch is kept, and nothing of it was receipted);
+- new mail is announced with ``NOTIFY pli_mail`` inside the transaction that stores the
+  envelope (delivered only if it commits), and every node ``LISTEN``\\s on one extra
+  connection to wake the inbox requests waiting on it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+
+import asyncpg
+import structlog
+
+from relay.storage import migrations as mig
+from relay.storage._base import Row, Storage, Tx
+from relay.storage.migrations import Migration
+
+__all__ = ["PostgresStorage", "pg_sql"]
+
+log = structlog.get_logger("pli.relay")
+
+#: advisory lock keys ("pli/log", "pli/mig" as 64-bit integers)
+LOG_LOCK = int.from_bytes(b"pli/log\0", "big")
+MIGRATE_LOCK = int.from_bytes(b"pli/mig\0", "big")
+MAIL_CHANNEL = "pli_mail"
+_POOL_SIZE = 10
+
+
+@functools.lru_cache(maxsize=1024)
+def pg_sql(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, …`` (our SQL has no ``?`` in literals)."""
+    parts = sql.split("?")
+    out = [parts[0]]
+    for i, part in enumerate(parts[1:], start=1):
+        out += [f"${i}", part]
+    return "".join(out)
+
+
+def _rowcount(status: str) -> int:
+    last = status.rpartition(" ")[2]
+    return int(last) if last.isdigit() else 0
+
+
+class _PgTx(Tx):
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    async def execute(self, sql: str, args: Iterable[Any] = ()) -> int:
+        values = tuple(args)
+        status = await (self._conn.execute(pg_sql(sql), *values) if values else self._conn.execute(sql))
+        return _rowcount(status)
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(pg_sql(sql), rows)
+
+    async def fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in await self._conn.fetch(pg_sql(sql), *args)]
+
+
+class PostgresStorage(Storage):
+    engine: ClassVar[str] = "postgresql"
+    MIGRATIONS: ClassVar[tuple[Migration, ...]] = mig.POSTGRES
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        super().__init__()
+        self._pool = pool
+        self._dsn = dsn
+        self._listener: asyncpg.Connection | None = None
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, migrations: tuple[Migration, ...] | None = None, check: bool = True
+    ) -> PostgresStorage:
+        """A pool on ``dsn``; refuses (SchemaError) a schema not migrated to this relay's.
+        ``check=False`` (for ``pli-relay migrate``): no check, no listener."""
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=_POOL_SIZE if check else 2)
+        self = cls(pool, dsn)
+        if migrations is not None:
+            self.migrations = migrations  # tests run their own lists
+        if not check:
+            return self
+        try:
+            await self.check_schema()
+            self._listener = await asyncpg.connect(dsn)
+            await self._listener.add_listener(MAIL_CHANNEL, self._on_mail)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            tx = _PgTx(conn)
+            yield tx
+        for fn in tx.after_commit:
+            fn()
+
+    @asynccontextmanager
+    async def sequencer_transaction(self) -> AsyncIterator[Tx]:
+        async with self.transaction() as tx:
+            await tx.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
+            yield tx
+
+    async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in await self._pool.fetch(pg_sql(sql), *args)]
+
+    async def log_nodes(self, need: set[tuple[int, int]], tx: Tx | None = None) -> dict[tuple[int, int], bytes]:
+        if not need:
+            return {}
+        pairs = sorted(need)
+        sql = ("SELECT n.level, n.idx, n.hash FROM log_nodes n"
+               " JOIN unnest(?::int[], ?::bigint[]) AS w(level, idx) ON n.level = w.level AND n.idx = w.idx")
+        args = ([p[0] for p in pairs], [p[1] for p in pairs])
+        rows = await (tx.fetchall(sql, args) if tx is not None else self.read_all(sql, args))
+        return {(int(level), int(idx)): bytes(h) for level, idx, h in rows}
+
+    # -- new mail -------------------------------------------------------------------------
+
+    async def notify_mail(self, tx: Tx, device_ids: Sequence[bytes]) -> None:
+        # At most 64 recipients of 32 hex digits: far below NOTIFY's 8000-byte payload.
+        await tx.execute("SELECT pg_notify(?, ?)", (MAIL_CHANNEL, ",".join(d.hex() for d in device_ids)))
+
+    def _on_mail(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            ids = [bytes.fromhex(h) for h in payload.split(",") if h]
+        except ValueError:
+            log.warning("mail_notification_malformed")
+            return
+        self._wake(ids)
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def _applied(self) -> list[tuple[int, str]]:
+        if await self._pool.fetchval("SELECT to_regclass('schema_migrations')") is None:
+            return []
+        rows = await self._pool.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    async def _apply(self, migration: Migration, *, now: int) -> None:
+        async with self.transaction() as tx:
+            # Two `pli-relay migrate` at once: the second waits, then finds it applied.
+            await tx.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATE_LOCK,))
+            await tx.execute(mig.SCHEMA_MIGRATIONS)
+            applied = [(int(r[0]), str(r[1])) for r in await tx.fetchall(
+                "SELECT version, name FROM schema_migrations ORDER BY version")]
+            mig.refuse_unless_next(applied, migration)
+            await tx.execute(migration.sql)  # one multi-statement script, in this transaction
+            await tx.execute("INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
+                             (migration.version, migration.name, now))

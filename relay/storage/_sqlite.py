@@ -1,0 +1,178 @@
+"""The embedded engine: SQLite in WAL mode with ``synchronous=FULL``.
+
+A committed transaction survives a power cut, which matters because an answer to an
+upload is a promise. Every change that spans several rows happens in one ``BEGIN
+IMMEDIATE`` transaction, so a crash leaves either all of it or none of it. One process
+owns the file (one relay node); admin commands may write beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import aiosqlite
+
+from relay.storage import migrations as mig
+from relay.storage._base import Row, Storage, Tx
+from relay.storage.migrations import Migration
+
+__all__ = ["SqliteStorage"]
+
+
+class _SqliteTx(Tx):
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        super().__init__()
+        self._db = db
+
+    async def execute(self, sql: str, args: Iterable[Any] = ()) -> int:
+        cur = await self._db.execute(sql, tuple(args))
+        return cur.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._db.executemany(sql, rows)
+
+    async def fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        # One call (execute and fetch together): see SqliteStorage.read_all.
+        return list(await self._db.execute_fetchall(sql, tuple(args)))  # type: ignore[arg-type]
+
+
+class SqliteStorage(Storage):
+    """One writer connection (writers take ``_write_lock`` so transactions never
+    interleave) and one read-only connection for everything else."""
+
+    engine: ClassVar[str] = "sqlite"
+    MIGRATIONS: ClassVar[tuple[Migration, ...]] = mig.SQLITE
+
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        super().__init__()
+        self._db = db
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(
+        cls, path: Path, *, migrations: tuple[Migration, ...] | None = None, check: bool = True
+    ) -> SqliteStorage:
+        """Reads never go through the writer's connection, so no request can see what a
+        transaction in progress wrote and may yet roll back (a checkpoint, a leaf).
+
+        A brand-new database (no table at all) is created at the latest schema, so a new
+        data folder works at once; an existing one must be at it already (``check=False``,
+        for ``pli-relay migrate``: neither).
+        """
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=FULL")
+            await db.execute("PRAGMA foreign_keys=ON")
+            await db.execute("PRAGMA busy_timeout=5000")
+            reader = await aiosqlite.connect(path, isolation_level=None)
+        except BaseException:
+            await db.close()
+            raise
+        self = cls(db, reader)
+        if migrations is not None:
+            self.migrations = migrations  # tests run their own lists
+        try:
+            await reader.execute("PRAGMA query_only=ON")
+            await reader.execute("PRAGMA busy_timeout=5000")
+            fresh = not await db.execute_fetchall("SELECT 1 FROM sqlite_master LIMIT 1")
+            if fresh and check:
+                await self.migrate(now=int(time.time()))
+            if check:
+                await self.check_schema()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._db.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            tx = _SqliteTx(self._db)
+            try:
+                yield tx
+                await self._db.execute("COMMIT")
+            except BaseException:
+                # On a full disk SQLite may have rolled back already (and a failed COMMIT
+                # leaves the transaction open): roll back only what is still open, and never
+                # let a failed rollback hide the error that caused it.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
+                raise
+        for fn in tx.after_commit:
+            fn()
+
+    async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        """Rows from the read-only connection, executed and fetched in one call.
+
+        Requests share this connection: a statement left open between an ``execute`` and
+        its fetch keeps the connection in that statement's read snapshot, and another
+        request's query would then run in the old snapshot (and miss a committed batch).
+        """
+        return list(await self._reader.execute_fetchall(sql, tuple(args)))  # type: ignore[arg-type]
+
+    async def log_nodes(self, need: set[tuple[int, int]], tx: Tx | None = None) -> dict[tuple[int, int], bytes]:
+        found: dict[tuple[int, int], bytes] = {}
+        pairs = sorted(need)
+        for i in range(0, len(pairs), 400):
+            chunk = pairs[i : i + 400]
+            marks = ",".join("(?, ?)" for _ in chunk)
+            sql = f"SELECT level, idx, hash FROM log_nodes WHERE (level, idx) IN (VALUES {marks})"  # noqa: S608
+            args = [v for pair in chunk for v in pair]
+            rows = await (tx.fetchall(sql, args) if tx is not None else self.read_all(sql, args))
+            for level, idx, h in rows:
+                found[(level, idx)] = h
+        return found
+
+    # -- schema ---------------------------------------------------------------------------
+
+    async def _applied(self) -> list[tuple[int, str]]:
+        tables = {r[0] for r in await self._db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_migrations" in tables:
+            rows = await self._db.execute_fetchall("SELECT version, name FROM schema_migrations ORDER BY version")
+            return [(int(r[0]), str(r[1])) for r in rows]
+        if "meta" in tables:
+            # Before schema_migrations: the one schema there was, version 1.
+            rows = list(await self._db.execute_fetchall("SELECT value FROM meta WHERE key = 'schema'"))
+            if rows and rows[0][0] == "1":
+                return [(1, "initial")]
+        return []
+
+    async def _apply(self, migration: Migration, *, now: int) -> None:
+        async with self.transaction() as tx:
+            await tx.execute(mig.SCHEMA_MIGRATIONS)
+            applied = [(int(r[0]), str(r[1])) for r in await tx.fetchall(
+                "SELECT version, name FROM schema_migrations ORDER BY version")]
+            if not applied:  # adopt a database from before schema_migrations
+                legacy = await self._legacy_version(tx)
+                if legacy:
+                    await tx.execute("INSERT INTO schema_migrations (version, name, applied) VALUES (1, 'initial', ?)",
+                                     (now,))
+                    applied = [(1, "initial")]
+            mig.refuse_unless_next(applied, migration)
+            for statement in migration.statements():
+                await tx.execute(statement)
+            await tx.execute("INSERT INTO schema_migrations (version, name, applied) VALUES (?, ?, ?)",
+                             (migration.version, migration.name, now))
+
+    @staticmethod
+    async def _legacy_version(tx: Tx) -> bool:
+        if not await tx.fetchall("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"):
+            return False
+        row = await tx.fetchone("SELECT value FROM meta WHERE key = 'schema'")
+        return row is not None and row[0] == "1"
+

@@ -1,0 +1,461 @@
+"""One storage test-suite, run on both engines: what the routes and the log rely on.
+
+Each test gets a ``storage`` opened on SQLite (a file in ``tmp_path``) and on PostgreSQL
+(a new database on the throwaway cluster of tests/_pg.py, skipped with the reason when
+PostgreSQL is not installed). Then schema migrations (refused twice, out of order, or
+unknown), new-mail notifications (across two storages on one PostgreSQL: two nodes), and
+some of the relay's end-to-end flows (tests/test_relay.py) run again on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+import pytest_asyncio
+import test_relay
+from click.testing import CliRunner
+from conftest import DERM, GP, Relay, RelayFactory, assert_problem, make_envelope
+
+from protocol import merkle, note
+from protocol.keys import DeviceKeys
+from protocol.logentry import EntryType, LogEntry
+from relay.cli import cli
+from relay.errors import RelayError
+from relay.log import TransparencyLog
+from relay.storage import Migration, Practitioner, SchemaError, Storage
+from relay.storage import migrations as mig
+
+ENGINES = ["sqlite", "postgresql"]
+NOW = 1_750_000_000
+
+
+@pytest.fixture(params=ENGINES)
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a storage lives: a SQLite file, or a PostgreSQL database at the latest schema."""
+    if request.param == "sqlite":
+        return tmp_path / "relay.sqlite3"
+    return str(request.getfixturevalue("pg_dsn"))
+
+
+@pytest.fixture(params=ENGINES)
+def empty_location(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a storage may live: no database yet (SQLite), an empty one (PostgreSQL)."""
+    if request.param == "sqlite":
+        return tmp_path / "relay.sqlite3"
+    return str(request.getfixturevalue("pg_empty_dsn"))
+
+
+@pytest_asyncio.fixture
+async def storage(location: Path | str) -> AsyncIterator[Storage]:
+    s = await Storage.open(location)
+    yield s
+    await s.close()
+
+
+def _keys() -> DeviceKeys:
+    return DeviceKeys.generate(now=NOW)
+
+
+async def _enrolled(storage: Storage, rpps: str = GP) -> DeviceKeys:
+    keys = _keys()
+    code = f"CODE-{os.urandom(4).hex()}"
+    await storage.create_invitation(Practitioner(rpps, "Dr Test", "médecin", ""), code, now=NOW, expires=NOW + 60)
+    pub = keys.public()
+    await storage.enroll(code, device_id=pub.device_id, sign_key=pub.sign_key, cert=pub.cert, sig=pub.sig, now=NOW)
+    return keys
+
+
+async def _envelope(storage: Storage, sender: bytes, to: list[bytes], *, size: int = 100, received: int = 100,
+                    expires: int = NOW + 3600) -> bytes:
+    eid = os.urandom(16)
+    await storage.create_envelope(envelope_id=eid, sender=sender, prefix=b"prefix" + eid, envelope_hash=os.urandom(32),
+                                  size=size, created=NOW, expires=expires, to=to, received=received, now=NOW)
+    return eid
+
+
+# -- enrolment, devices, nonces ---------------------------------------------------------------
+
+
+async def test_enrolment_uses_an_invitation_once(storage: Storage) -> None:
+    p = Practitioner(GP, "Dr Claire Martin", "médecin", "SM54")
+    await storage.create_invitation(p, "ABCDE-FGHJK", now=NOW, expires=NOW + 60)
+    keys = _keys()
+    pub = keys.public()
+    got = await storage.enroll("abcde fghjk", device_id=pub.device_id, sign_key=pub.sign_key, cert=pub.cert,
+                               sig=pub.sig, now=NOW + 1)
+    assert got == p
+    assert await storage.practitioner(GP) == p
+    other = _keys().public()
+    with pytest.raises(RelayError) as used:
+        await storage.enroll("ABCDE-FGHJK", device_id=other.device_id, sign_key=other.sign_key, cert=other.cert,
+                             sig=other.sig, now=NOW + 2)
+    assert used.value.code == "invalid_invitation"
+    await storage.create_invitation(p, "EXPIR-EDXXX", now=NOW, expires=NOW + 60)
+    with pytest.raises(RelayError) as expired:
+        await storage.enroll("EXPIR-EDXXX", device_id=other.device_id, sign_key=other.sign_key, cert=other.cert,
+                             sig=other.sig, now=NOW + 60)
+    assert expired.value.code == "invalid_invitation"
+    await storage.create_invitation(p, "AGAIN-XXXXX", now=NOW, expires=NOW + 60)
+    with pytest.raises(RelayError) as exists:
+        await storage.enroll("AGAIN-XXXXX", device_id=pub.device_id, sign_key=pub.sign_key, cert=pub.cert,
+                             sig=pub.sig, now=NOW + 3)
+    assert exists.value.code == "device_exists"
+    # The refused enrolment left the invitation unused (one transaction).
+    assert await storage.read_all("SELECT used_at FROM invitations WHERE used_at IS NULL") == [(None,), (None,)]
+
+
+async def test_devices_listed_and_revoked_once(storage: Storage) -> None:
+    a = await _enrolled(storage, GP)
+    b = await _enrolled(storage, GP)
+    c = await _enrolled(storage, DERM)
+    assert {d.device_id for d in await storage.devices_of(GP)} == {a.device_id, b.device_id}
+    assert await storage.revoke_device(a.device_id, now=NOW + 5)
+    assert not await storage.revoke_device(a.device_id, now=NOW + 6)
+    assert [d.device_id for d in await storage.devices_of(GP)] == [b.device_id]
+    assert len(await storage.devices_of(GP, include_revoked=True)) == 2
+    d = await storage.device(a.device_id)
+    assert d is not None
+    assert d.revoked == NOW + 5
+    assert d.sign_key == a.public().sign_key
+    assert {x.device_id for x in await storage.all_devices()} == {a.device_id, b.device_id, c.device_id}
+    assert await storage.device(os.urandom(16)) is None
+
+
+async def test_a_nonce_is_accepted_once_until_purged(storage: Storage) -> None:
+    device = os.urandom(16)
+    assert await storage.use_nonce(device, "n1", expires=NOW + 10)
+    assert not await storage.use_nonce(device, "n1", expires=NOW + 10)  # a replay
+    assert await storage.use_nonce(os.urandom(16), "n1", expires=NOW + 10)  # another device's
+    assert await storage.purge_nonces(now=NOW + 9) == 0
+    assert await storage.purge_nonces(now=NOW + 10) == 2
+    assert await storage.use_nonce(device, "n1", expires=NOW + 20)
+
+
+# -- envelopes ----------------------------------------------------------------------------------
+
+
+async def test_envelope_lifecycle_inbox_acknowledge_purge(storage: Storage) -> None:
+    gp = await _enrolled(storage, GP)
+    r1, r2 = os.urandom(16), os.urandom(16)
+    eid = await _envelope(storage, gp.device_id, [r1, r2], size=300, received=100)
+    row = await storage.envelope(eid)
+    assert row is not None
+    assert (row.state, row.received, row.size, row.received_at) == ("uploading", 100, 300, None)
+    assert await storage.inbox(r1, now=NOW) == []  # not complete yet
+    await storage.set_received(eid, 300, complete=True, now=NOW + 1)
+    row = await storage.envelope(eid)
+    assert row is not None
+    assert (row.state, row.received, row.received_at) == ("stored", 300, NOW + 1)
+    inbox = await storage.inbox(r1, now=NOW + 2)
+    assert [(r.id, rpps) for r, rpps in inbox] == [(eid, GP)]
+    assert await storage.recipients(eid) == {r1: None, r2: None}
+    assert await storage.acknowledge(eid, r1, now=NOW + 3) is False
+    assert await storage.acknowledge(eid, r1, now=NOW + 4) is None  # again: nothing changes
+    assert await storage.inbox(r1, now=NOW + 4) == []
+    assert await storage.purgeable(now=NOW + 4, ack_retention=0, stale_upload=86400) == []
+    assert await storage.acknowledge(eid, r2, now=NOW + 5) is True
+    assert await storage.recipients(eid) == {r1: NOW + 3, r2: NOW + 5}
+    assert await storage.purgeable(now=NOW + 5, ack_retention=10, stale_upload=86400) == []
+    assert await storage.purgeable(now=NOW + 15, ack_retention=10, stale_upload=86400) == [eid]
+    await storage.mark_deleted([eid])
+    assert await storage.envelope_ids("deleted") == {eid}
+    assert await storage.purgeable(now=NOW + 15, ack_retention=10, stale_upload=86400) == []
+
+
+async def test_inbox_hides_expired_envelopes_and_purge_finds_them(storage: Storage) -> None:
+    gp = await _enrolled(storage, GP)
+    r = os.urandom(16)
+    old = await _envelope(storage, gp.device_id, [r], expires=NOW + 10)
+    new = await _envelope(storage, gp.device_id, [r], expires=NOW + 1000)
+    assert [row.id for row, _ in await storage.inbox(r, now=NOW)] == sorted([old, new])  # same time: by id
+    assert [row.id for row, _ in await storage.inbox(r, now=NOW + 10)] == [new]
+    assert await storage.purgeable(now=NOW + 10, ack_retention=0, stale_upload=86400) == [old]
+    assert await storage.envelope_ids("stored") == {old, new}
+
+
+async def test_abandoned_or_discarded_uploads(storage: Storage) -> None:
+    gp = await _enrolled(storage, GP)
+    eid = await _envelope(storage, gp.device_id, [os.urandom(16)], size=100, received=10)
+    assert await storage.purgeable(now=NOW + 99, ack_retention=0, stale_upload=100) == []
+    assert await storage.purgeable(now=NOW + 100, ack_retention=0, stale_upload=100) == [eid]
+    await storage.discard_upload(eid)
+    assert await storage.envelope(eid) is None
+    assert await storage.recipients(eid) == {}
+
+
+async def test_quota_counts_unacknowledged_bytes(storage: Storage) -> None:
+    gp = await _enrolled(storage, GP)
+    r = os.urandom(16)
+    assert await storage.unacknowledged_bytes(gp.device_id, now=NOW) == 0
+    a = await _envelope(storage, gp.device_id, [r], size=1000, received=1000)
+    await _envelope(storage, gp.device_id, [r], size=3 << 30, received=5)  # in progress: counted in full
+    await _envelope(storage, gp.device_id, [r], size=7, received=7, expires=NOW + 1)
+    assert await storage.unacknowledged_bytes(gp.device_id, now=NOW) == 1000 + (3 << 30) + 7
+    assert await storage.unacknowledged_bytes(gp.device_id, now=NOW + 1) == 1000 + (3 << 30)
+    assert await storage.acknowledge(a, r, now=NOW + 2) is True
+    assert await storage.unacknowledged_bytes(gp.device_id, now=NOW + 2) == 3 << 30
+
+
+async def test_a_transaction_that_fails_leaves_nothing(storage: Storage) -> None:
+    gp = await _enrolled(storage, GP)
+
+    class Boom(Exception):
+        pass
+
+    async def fail() -> None:
+        async with storage.transaction() as tx:
+            await storage.create_envelope(envelope_id=b"x" * 16, sender=gp.device_id, prefix=b"p",
+                                          envelope_hash=bytes(32), size=1, created=NOW, expires=NOW + 9,
+                                          to=[b"r" * 16], received=1, now=NOW, tx=tx)
+            raise Boom
+
+    with pytest.raises(Boom):
+        await fail()
+    assert await storage.envelope(b"x" * 16) is None
+    assert await storage.read_all("SELECT COUNT(*) FROM deliveries") == [(0,)]
+
+
+async def test_meta_is_set_once_then_kept(storage: Storage) -> None:
+    assert await storage.meta("k") is None
+    assert await storage.init_meta("k", "first") == "first"
+    assert await storage.init_meta("k", "second") == "first"
+    await storage.set_meta("k", "third")
+    assert await storage.meta("k") == "third"
+
+
+# -- the log ------------------------------------------------------------------------------------
+
+
+def _delivered(i: int) -> Callable[[int], LogEntry]:
+    return lambda now: LogEntry(type=EntryType.DELIVERED, time=now, envelope_id=i.to_bytes(16, "big"),
+                                envelope_hash=bytes(32), device_id=bytes(16))
+
+
+async def test_log_appends_proves_and_survives_a_restart(location: Path | str) -> None:
+    key = nacl.signing.SigningKey(bytes(range(32)))
+    clock = [NOW]
+
+    async def opened() -> tuple[Storage, TransparencyLog]:
+        s = await Storage.open(location)
+        tlog = TransparencyLog(s, key, origin="example.org/pli-test", clock=lambda: clock[0], window=0.002)
+        await tlog.open()
+        return s, tlog
+
+    storage, tlog = await opened()
+    try:
+        assert await tlog.checkpoint() == (0, (await tlog.checkpoint(0))[1])
+        got = await asyncio.gather(*(tlog.append(_delivered(i), envelope_id=i.to_bytes(16, "big")) for i in range(40)))
+        assert sorted(a.index for a in got) == list(range(40))
+        assert tlog.batches < 40  # grouped
+        first_size, first_note = await tlog.checkpoint()
+    finally:
+        await tlog.close()
+        await storage.close()
+    storage, tlog = await opened()
+    try:
+        clock[0] += 5
+        more = [await tlog.append(_delivered(100 + i)) for i in range(5)]
+        assert [a.index for a in more] == list(range(40, 45))
+        size, text = await tlog.checkpoint()
+        assert size == 45
+        cp = note.open_checkpoint(text, tlog.verifier, origin=tlog.origin)
+        leaves = await tlog.entries(0, 45)
+        assert cp.root_hash == merkle.root_from_leaf_hashes([merkle.leaf_hash(leaf) for leaf in leaves])
+        for a in [*got, *more]:
+            assert leaves[a.index] == a.leaf
+            proof = await tlog.inclusion(a.index, 45)
+            merkle.verify_inclusion(merkle.leaf_hash(a.leaf), a.index, 45, proof, cp.root_hash)
+        old = note.open_checkpoint(first_note, tlog.verifier, origin=tlog.origin)
+        merkle.verify_consistency(first_size, 45, await tlog.consistency(first_size, 45), old.root_hash, cp.root_hash)
+        assert [i for i, _ in await tlog.leaves_of((3).to_bytes(16, "big"))] == [got[3].index]
+    finally:
+        await tlog.close()
+        await storage.close()
+
+
+# -- schema migrations ----------------------------------------------------------------------------
+
+
+def _with_extra(base: tuple[Migration, ...], *extra: Migration) -> tuple[Migration, ...]:
+    return (*base, *extra)
+
+
+_TWO = Migration(2, "extra table", "CREATE TABLE extra_one (x INTEGER)")
+_THREE = Migration(3, "another", "CREATE TABLE extra_two (x INTEGER)")
+
+
+def _engine_migrations(location: Path | str) -> tuple[Migration, ...]:
+    return mig.SQLITE if isinstance(location, Path) else mig.POSTGRES
+
+
+async def test_migrate_applies_pending_ones_in_order_once(empty_location: Path | str) -> None:
+    base = _engine_migrations(empty_location)
+    if isinstance(empty_location, str):
+        with pytest.raises(SchemaError, match="run `pli-relay migrate`"):
+            await Storage.open(empty_location)  # PostgreSQL is never set up implicitly
+    storage = await Storage.open(empty_location, check=False, migrations=_with_extra(base, _TWO, _THREE))
+    try:
+        assert [m.version for m in await storage.migrate(now=NOW)] == [1, 2, 3]
+        assert await storage.migrate(now=NOW) == []
+        assert await storage.schema_version() == 3
+        with pytest.raises(SchemaError, match="applied already"):
+            await storage.apply_migration(_TWO, now=NOW)
+        with pytest.raises(SchemaError, match="out of order"):
+            await storage.apply_migration(Migration(5, "gap", "CREATE TABLE extra_five (x INTEGER)"), now=NOW)
+        assert await storage.schema_version() == 3
+    finally:
+        await storage.close()
+    # A relay that knows only version 1 refuses this database: a newer relay migrated it.
+    with pytest.raises(SchemaError, match="does not know"):
+        await Storage.open(empty_location)
+
+
+async def test_a_relay_refuses_a_schema_not_migrated_yet(empty_location: Path | str) -> None:
+    base = _engine_migrations(empty_location)
+    storage = await Storage.open(empty_location, check=False)
+    await storage.migrate(now=NOW)
+    await storage.close()
+    newer = _with_extra(base, _TWO)
+    with pytest.raises(SchemaError, match="schema version 1, this relay needs 2: run `pli-relay migrate`"):
+        await Storage.open(empty_location, migrations=newer)
+    storage = await Storage.open(empty_location, check=False, migrations=newer)
+    assert [m.version for m in await storage.migrate(now=NOW)] == [2]
+    await storage.close()
+    storage = await Storage.open(empty_location, migrations=newer)
+    await storage.close()
+
+
+async def test_a_migration_out_of_order_is_refused(empty_location: Path | str) -> None:
+    storage = await Storage.open(empty_location, check=False, migrations=_with_extra(
+        _engine_migrations(empty_location), _THREE))
+    try:
+        with pytest.raises(SchemaError, match="out of order"):
+            await storage.apply_migration(_THREE, now=NOW)
+        with pytest.raises(SchemaError, match="out of order"):
+            await storage.migrate(now=NOW)  # the list itself skips 2: refused before anything
+        assert await storage.schema_version() == 0
+    finally:
+        await storage.close()
+
+
+async def test_a_sqlite_database_from_before_schema_migrations_counts_as_version_1(tmp_path: Path) -> None:
+    path = tmp_path / "relay.sqlite3"
+    storage = await Storage.open(path)
+    await storage.close()
+    import sqlite3  # noqa: PLC0415
+
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE schema_migrations")
+    db.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')")
+    db.commit()
+    db.close()
+    storage = await Storage.open(path)
+    assert await storage.schema_version() == 1
+    await storage.close()
+    storage = await Storage.open(path, check=False, migrations=(*mig.SQLITE, _TWO))
+    assert [m.version for m in await storage.migrate(now=NOW)] == [2]
+    assert await storage.read_all("SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    await storage.close()
+
+
+def test_pli_relay_migrate_command(tmp_path: Path, pg_empty_dsn: str) -> None:
+    runner = CliRunner()
+    r = runner.invoke(cli, ["migrate", "--data", str(tmp_path), "--database", pg_empty_dsn])
+    assert r.exit_code == 0, r.output
+    assert "applied migration 1 (initial)" in r.output
+    assert "postgresql schema at version 1: up to date" in r.output
+    r = runner.invoke(cli, ["migrate", "--data", str(tmp_path), "--database", pg_empty_dsn])
+    assert r.exit_code == 0, r.output
+    assert "applied" not in r.output
+    r = runner.invoke(cli, ["devices", "--data", str(tmp_path)], env={"PLI_RELAY_DATABASE": pg_empty_dsn})
+    assert r.exit_code == 0, r.output
+    assert "No device enrolled yet" in r.output
+
+
+def test_serve_refuses_an_unmigrated_database_and_says_what_to_do(tmp_path: Path, pg_empty_dsn: str) -> None:
+    r = CliRunner().invoke(cli, ["serve", "--data", str(tmp_path), "--database", pg_empty_dsn,
+                                 "--listen", "127.0.0.1:0"])
+    assert r.exit_code == 1
+    assert "schema version 0, this relay needs 1: run `pli-relay migrate`" in r.output
+
+
+# -- new mail ---------------------------------------------------------------------------------------
+
+
+async def test_new_mail_wakes_a_waiting_inbox_only_once_committed(location: Path | str) -> None:
+    # Two storages on one database: on PostgreSQL, two relay nodes (the notification
+    # crosses between them); on SQLite, a second opener sees its own only.
+    a = await Storage.open(location)
+    b = await Storage.open(location) if isinstance(location, str) else a
+    device = os.urandom(16)
+    try:
+        async with b.mail_waiter(device) as event:
+            with contextlib.suppress(ZeroDivisionError):
+                async with a.transaction() as tx:
+                    await a.notify_mail(tx, [device])
+                    _ = 1 / 0  # rolled back: no notification
+            async with a.transaction() as tx:
+                await a.notify_mail(tx, [os.urandom(16)])  # someone else's mail
+            assert not event.is_set()
+            started = time.monotonic()
+            async with a.transaction() as tx:
+                await a.notify_mail(tx, [os.urandom(16), device])
+            await asyncio.wait_for(event.wait(), 5)
+            assert time.monotonic() - started < 1
+    finally:
+        if b is not a:
+            await b.close()
+        await a.close()
+
+
+# -- the relay's own flows, on PostgreSQL -------------------------------------------------------------
+
+_FLOWS: list[Callable[..., Awaitable[Any]]] = [
+    test_relay.test_enroll_then_directory_lists_verifiable_record,
+    test_relay.test_revoked_device_leaves_directory,
+    test_relay.test_full_flow_send_inbox_open_ack_reply,
+    test_relay.test_not_deleted_until_every_recipient_device_acknowledges,
+    test_relay.test_expired_envelope_is_hidden_then_purged,
+    test_relay.test_old_nonces_are_purged,
+    test_relay.test_put_is_idempotent_and_conflicts_on_other_content,
+    test_relay.test_chunked_resumable_upload,
+    test_relay.test_inbox_lists_oldest_first_and_only_own_envelopes,
+]
+
+
+@pytest.mark.parametrize("flow", _FLOWS, ids=lambda f: f.__name__.removeprefix("test_"))
+async def test_relay_flow_on_postgresql(flow: Callable[..., Awaitable[Any]], relay_factory: RelayFactory,
+                                        pg_dsn: str, tmp_path: Path) -> None:
+    relay: Relay = await relay_factory(database=pg_dsn)
+    if "tmp_path" in flow.__code__.co_varnames[: flow.__code__.co_argcount]:
+        await flow(relay, tmp_path)
+    else:
+        await flow(relay)
+
+
+async def test_inbox_long_poll_on_one_node(relay: Relay) -> None:
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    for bad in ("abc", "61", "05", "-1", "1.5"):
+        assert_problem(await relay.get(derm.keys, f"/v1/inbox?wait={bad}"), 400, "malformed")
+    waiting = asyncio.create_task(relay.get(derm.keys, "/v1/inbox?wait=30"))
+    # Until the request holds its place (its nonce is stored just before the handler runs).
+    for _ in range(1000):
+        if relay.query("SELECT COUNT(*) FROM nonces WHERE device_id = ?", (derm.device_id,))[0][0] >= 6:
+            break
+        await asyncio.sleep(0.005)
+    ct = os.urandom(500)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    started = time.monotonic()
+    assert (await relay.put(gp.keys, eid, prefix + ct)).status == 201
+    r = await asyncio.wait_for(waiting, 10)
+    assert time.monotonic() - started < 1
+    assert [e["id"] for e in r.json()["envelopes"]] == [eid.hex()]
