@@ -25,7 +25,7 @@ from aiohttp import web
 
 from protocol import httpsig
 from protocol.errors import AuthError, PliError
-from relay.blobs import BlobStore
+from relay.blobs import BlobStore, open_blobs
 from relay.config import RelayConfig
 from relay.errors import RelayError, storage_failure
 from relay.limits import BodyTimeout, Limits
@@ -248,14 +248,16 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     cfg.data.mkdir(parents=True, exist_ok=True)
     storage = await open_storage(cfg)
-    blobs = BlobStore(cfg.data / "blobs")
+    try:
+        blobs = open_blobs(cfg, storage)
+        # On PostgreSQL other nodes share the blob store: a blob without its row may be
+        # theirs, in flight; only those untouched for a day are a crash's leftovers.
+        removed = await blobs.sweep(storage, grace=0 if cfg.database == "sqlite" else 86400)
+    except BaseException:
+        await storage.close()
+        raise
     app[STORAGE] = storage
     app[BLOBS] = blobs
-    # On PostgreSQL other nodes share the blob folder: a file without its row may be
-    # theirs, in flight; only those untouched for a day are a crash's leftovers.
-    removed = blobs.sweep(stored=await storage.envelope_ids("stored"),
-                          uploading=await storage.envelope_ids("uploading"),
-                          grace=0 if cfg.database == "sqlite" else 86400)
     if removed:
         log.warning("startup_recovery", removed_orphan_blobs=len(removed), files=sorted(removed))
     try:

@@ -1,24 +1,147 @@
-"""Ciphertext blobs on disk: written under a temporary name, fsynced, renamed.
+"""Ciphertext blobs: one interface, two stores, chosen by the ``blob_store`` setting.
 
-A blob file holds the whole envelope (prefix then ciphertext), so a download is one
-``sendfile`` with range support. Uploads grow ``incoming/<id>.part``; only a complete,
-hash-checked upload is renamed to ``<aa>/<id>``, after an fsync of the file and of its
-folder, so a crash never leaves a half-written blob under a final name.
+A blob holds the whole envelope (prefix then ciphertext), so a download is one stream
+with range support. An upload, in one or several requests, writes bytes at absolute
+offsets into its envelope's *part* through an :class:`Upload`; between requests the part
+is made durable (:meth:`Upload.sync`), and a complete, hash-checked one is made durable
+as the envelope's blob (:meth:`Upload.commit`) before its receipt is given. A failed
+request puts the part back to what the envelope's row says it holds (:meth:`BlobStore.truncate`),
+a failed log batch turns the blob back into a part (:meth:`BlobStore.uncommit`), so an
+upload stays resumable; the startup sweep removes what no envelope owns.
+
+- :class:`FsBlobStore` (``fs``, the default): files in the data folder. Uploads grow
+  ``incoming/<id>.part``; only a complete upload is renamed to ``<aa>/<id>``, after an
+  fsync of the file and of its folder, so a crash never leaves a half-written blob under
+  a final name. Several nodes share it through a mounted volume.
+- ``relay._pgblobs.PgBlobStore`` (``postgresql``): chunks of at most 1 MiB in the
+  relay's PostgreSQL database, so the database is the one thing to back up and replicate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import os
+import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from aiohttp import web
 
 from relay.errors import storage_failure
 
-__all__ = ["BlobStore"]
+if TYPE_CHECKING:
+    from relay.config import RelayConfig
+    from relay.storage import Storage
+
+__all__ = ["BlobStore", "FsBlobStore", "Upload", "open_blobs"]
 
 
-class BlobStore:
+class Upload(ABC):
+    """One request's writes into an envelope's part (offsets count from the prefix's first byte)."""
+
+    @abstractmethod
+    async def write(self, offset: int, data: bytes | memoryview) -> None: ...
+
+    @abstractmethod
+    async def sync(self) -> None:
+        """Make what was written durable, as a part (between the requests of an upload)."""
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """Make the complete part durable as the envelope's blob (before its receipt)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class BlobStore(ABC):
+    """Where ciphertext lives. Errors of a full or unwritable store are raised as
+    ``503 storage_unavailable`` (relay.errors.storage_failure)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def has_part(self, envelope_id: bytes) -> bool:
+        """Whether an upload in progress has bytes here."""
+
+    @abstractmethod
+    async def open_upload(self, envelope_id: bytes, prefix: bytes, *, new: bool) -> Upload:
+        """Continue an upload's part, or (``new``) start it over from ``prefix``."""
+
+    @abstractmethod
+    async def part_sha256(self, envelope_id: bytes, skip: int) -> bytes:
+        """SHA-256 of a part's bytes after the first ``skip`` (the ciphertext, past the prefix)."""
+
+    @abstractmethod
+    async def truncate(self, envelope_id: bytes, length: int) -> None:
+        """Cut a part back to ``length`` bytes (what its envelope's row says it holds)."""
+
+    @abstractmethod
+    async def uncommit(self, envelope_id: bytes) -> None:
+        """Put a committed blob back as its upload's part (its log batch failed)."""
+
+    @abstractmethod
+    async def delete(self, envelope_id: bytes) -> None:
+        """Remove an envelope's blob and part, if any."""
+
+    @abstractmethod
+    async def size(self, envelope_id: bytes) -> int | None:
+        """The committed blob's size in bytes; None if there is none. (A store where the
+        envelope's row alone tells a blob from a part answers for either.)"""
+
+    @abstractmethod
+    async def response(self, request: web.Request, envelope_id: bytes, content_type: str) -> web.StreamResponse:
+        """The blob as the answer to ``request`` (whole, or the part its ``Range`` asks for)."""
+
+    @abstractmethod
+    async def sweep(self, storage: Storage, *, grace: float) -> list[str]:
+        """Remove what no envelope owns (left by a crash); returns what went. Anything
+        written less than ``grace`` seconds ago stays (another node may be writing it)."""
+
+    @abstractmethod
+    async def probe(self) -> None:
+        """Raise unless the store takes a write now (for ``/readyz``)."""
+
+
+def open_blobs(cfg: RelayConfig, storage: Storage) -> BlobStore:
+    """The blob store ``cfg`` names (``postgresql`` keeps blobs in ``storage``)."""
+    if cfg.blob_store == "postgresql":
+        from relay._pgblobs import PgBlobStore  # noqa: PLC0415 - asyncpg only when asked for
+
+        return PgBlobStore(storage)
+    return FsBlobStore(cfg.data / "blobs")
+
+
+# -- on the file system ---------------------------------------------------------------------------
+
+
+class _FsUpload(Upload):
+    def __init__(self, store: FsBlobStore, envelope_id: bytes, fd: int) -> None:
+        self._store = store
+        self._id = envelope_id
+        self._fd = fd
+
+    async def write(self, offset: int, data: bytes | memoryview) -> None:
+        # Into the page cache: made durable by sync() or commit(), in a thread.
+        _pwrite(self._fd, offset, data)
+
+    async def sync(self) -> None:
+        await asyncio.to_thread(_fsync, self._fd)
+
+    async def commit(self) -> None:
+        await asyncio.to_thread(self._store.commit, self._id, self._fd)
+
+    async def close(self) -> None:
+        os.close(self._fd)
+
+
+class FsBlobStore(BlobStore):
+    name = "fs"
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.incoming = root / "incoming"
@@ -31,8 +154,10 @@ class BlobStore:
     def part_path(self, envelope_id: bytes) -> Path:
         return self.incoming / (envelope_id.hex() + ".part")
 
-    def open_part(self, envelope_id: bytes, prefix: bytes, *, new: bool) -> int:
-        """Open (or start) an upload's part file for appending; returns a raw fd."""
+    async def has_part(self, envelope_id: bytes) -> bool:
+        return self.part_path(envelope_id).exists()
+
+    async def open_upload(self, envelope_id: bytes, prefix: bytes, *, new: bool) -> Upload:
         path = self.part_path(envelope_id)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if new else os.open(path, os.O_WRONLY)
@@ -40,40 +165,23 @@ class BlobStore:
             raise _storage_error(e) from e
         if new:
             try:
-                self.write(fd, 0, prefix)
+                _pwrite(fd, 0, prefix)
             except BaseException:
                 os.close(fd)
                 path.unlink(missing_ok=True)  # a new part that cannot take its prefix leaves nothing
                 raise
-        return fd
+        return _FsUpload(self, envelope_id, fd)
 
-    @staticmethod
-    def write(fd: int, offset: int, data: bytes | memoryview) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view = view[n:]
-                offset += n
-        except OSError as e:
-            raise _storage_error(e) from e
+    async def part_sha256(self, envelope_id: bytes, skip: int) -> bytes:
+        return await asyncio.to_thread(_file_sha256, self.part_path(envelope_id), skip)
 
-    @staticmethod
-    def sync(fd: int) -> None:
-        """fsync a part between the requests of an upload (blocking: run in a thread)."""
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            raise _storage_error(e) from e
-
-    def truncate(self, envelope_id: bytes, length: int) -> None:
+    async def truncate(self, envelope_id: bytes, length: int) -> None:
         # Shrinking a file never needs space: this works on a full disk too.
         with contextlib.suppress(FileNotFoundError):
             os.truncate(self.part_path(envelope_id), length)
 
-    def uncommit(self, envelope_id: bytes) -> None:
-        """Put a committed blob back as its upload's part file (its log batch failed), so the
-        upload stays resumable; if even that fails, the blob goes and the upload restarts."""
+    async def uncommit(self, envelope_id: bytes) -> None:
+        # If even the rename back fails, the blob goes and the upload restarts from 0.
         try:
             self.final_path(envelope_id).replace(self.part_path(envelope_id))
         except OSError:
@@ -98,19 +206,33 @@ class BlobStore:
         except OSError as e:
             raise _storage_error(e) from e
 
-    def delete(self, envelope_id: bytes) -> None:
+    async def delete(self, envelope_id: bytes) -> None:
         for path in (self.final_path(envelope_id), self.part_path(envelope_id)):
             path.unlink(missing_ok=True)
 
-    def sweep(self, *, stored: set[bytes], uploading: set[bytes], grace: float = 0) -> list[str]:
-        """Remove files no envelope owns (left by a crash); returns their names.
+    async def size(self, envelope_id: bytes) -> int | None:
+        try:
+            return self.final_path(envelope_id).stat().st_size
+        except FileNotFoundError:
+            return None
 
-        A blob under its final name belongs to a stored envelope, a part file to an upload
-        in progress. A crash after an upload's last request renamed its part into place but
-        before its log batch committed leaves a final blob whose row is still uploading: it
-        goes too (the upload resumes from the row, from 0 as its part is gone). Files
-        modified less than ``grace`` seconds ago are kept (another node may be writing them).
-        """
+    async def response(
+        self, request: web.Request, envelope_id: bytes, content_type: str  # noqa: ARG002 - read when prepared
+    ) -> web.StreamResponse:
+        # sendfile, with Range (and If-Range) as aiohttp serves files.
+        return web.FileResponse(self.final_path(envelope_id), headers={"Content-Type": content_type})
+
+    async def sweep(self, storage: Storage, *, grace: float) -> list[str]:
+        stored = await storage.envelope_ids("stored")
+        uploading = await storage.envelope_ids("uploading")
+        return await asyncio.to_thread(self.sweep_files, stored=stored, uploading=uploading, grace=grace)
+
+    def sweep_files(self, *, stored: set[bytes], uploading: set[bytes], grace: float = 0) -> list[str]:
+        """:meth:`sweep` over the files: a blob under its final name belongs to a stored
+        envelope, a part file to an upload in progress. A crash after an upload's last
+        request renamed its part into place but before its log batch committed leaves a
+        final blob whose row is still uploading: it goes too (the upload resumes from the
+        row, from 0 as its part is gone)."""
         removed = []
         recent = time.time() - grace
         for path in self.root.glob("*/*"):
@@ -126,6 +248,47 @@ class BlobStore:
                 path.unlink(missing_ok=True)
                 removed.append(path.name)
         return removed
+
+    async def probe(self) -> None:
+        await asyncio.to_thread(_probe_folder, self.root)
+
+
+def _pwrite(fd: int, offset: int, data: bytes | memoryview) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as e:
+        raise _storage_error(e) from e
+
+
+def _fsync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise _storage_error(e) from e
+
+
+def _file_sha256(path: Path, skip: int) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(skip)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def _probe_folder(folder: Path) -> None:
+    # Written, fsynced and removed: the folder takes a file now (space, permissions, mount).
+    fd, name = tempfile.mkstemp(prefix=".readyz-", dir=folder)
+    try:
+        os.write(fd, b"ok")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        Path(name).unlink()
 
 
 def _storage_error(e: OSError) -> Exception:

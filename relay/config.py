@@ -28,6 +28,10 @@ class RelayConfig:
     database: str = "sqlite"
     """``sqlite`` (one file in ``data``: one relay node) or a PostgreSQL DSN
     ``postgresql://user:password@host/db`` (several nodes on one database)."""
+    blob_store: str = "fs"
+    """Where ciphertext is kept: ``fs`` (files in ``data``'s ``blobs`` folder; several nodes
+    share it on a mounted volume) or ``postgresql`` (1 MiB chunks in the PostgreSQL
+    ``database``: one thing to back up and replicate; only with a PostgreSQL database)."""
     listen: str = "127.0.0.1:8470"
     """HOST:PORT to listen on; port 0 picks a free one (printed at start)."""
     max_request: int = 8 << 20
@@ -120,6 +124,11 @@ class RelayConfig:
             raise ConfigError("log_format: json, console or auto")
         if self.database != "sqlite" and not self.database.startswith(("postgresql://", "postgres://")):
             raise ConfigError("database: sqlite, or a DSN postgresql://user:password@host:port/dbname")
+        if self.blob_store not in {"fs", "postgresql"}:
+            raise ConfigError(f"blob_store: fs or postgresql, got {self.blob_store!r}")
+        if self.blob_store == "postgresql" and self.database == "sqlite":
+            raise ConfigError("blob_store = postgresql keeps ciphertext in the PostgreSQL database: set `database` "
+                              "to a DSN postgresql://user:password@host/db, or use blob_store = fs with SQLite")
         if self.metrics not in {"local", "on", "off"}:
             raise ConfigError("metrics: local, on or off")
         try:

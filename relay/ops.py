@@ -3,8 +3,8 @@ client's address behind a reverse proxy, and the relay's effective configuration
 
 - ``GET /livez``: the process answers (200, nothing checked: a failing liveness probe
   restarts the relay, which must not happen because its database is slow).
-- ``GET /readyz``: 200 when the database answers and takes a write, the blob folder takes
-  a file, the log has not failed an integrity check and the relay is not stopping; else
+- ``GET /readyz``: 200 when the database answers and takes a write, the blob store takes
+  a write, the log has not failed an integrity check and the relay is not stopping; else
   ``503`` problem+json naming what failed (a load balancer stops sending it requests).
 - ``GET /metrics``: Prometheus text (``relay.metrics``); the setting ``metrics`` says who
   may read it: ``local`` (default) loopback clients only, ``on`` everyone, ``off`` nobody.
@@ -20,10 +20,7 @@ import ast
 import asyncio
 import inspect
 import ipaddress
-import os
-import tempfile
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -77,7 +74,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = _kind(e)
     try:
         async with asyncio.timeout(READY_TIMEOUT):
-            await asyncio.to_thread(_probe_folder, app[BLOBS].root)
+            await app[BLOBS].probe()
         checks["blobs"] = "ok"
     except Exception as e:
         checks["blobs"] = _kind(e)
@@ -93,17 +90,6 @@ async def readyz(request: web.Request) -> web.Response:
     if state.stopping:
         raise RelayError("unavailable", 503, detail, retry_after=5)
     raise RelayError("storage_unavailable", 503, detail, retry_after=5)
-
-
-def _probe_folder(folder: Path) -> None:
-    # Written, fsynced and removed: the folder takes a file now (space, permissions, mount).
-    fd, name = tempfile.mkstemp(prefix=".readyz-", dir=folder)
-    try:
-        os.write(fd, b"ok")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        Path(name).unlink()
 
 
 def _kind(e: BaseException) -> str:

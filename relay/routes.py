@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import re
 from dataclasses import replace
 from typing import Any
@@ -305,18 +304,17 @@ async def get_envelope(request: web.Request) -> web.StreamResponse:
         if row.state == "uploading" and row.sender == device.device_id:
             raise RelayError("not_found", 404, "this envelope's upload is not complete")
         raise not_found("no such envelope")
-    path = request.app[BLOBS].final_path(row.id)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise not_found("no such envelope") from None
+    blobs = request.app[BLOBS]
+    size = await blobs.size(row.id)
+    if size is None:
+        raise not_found("no such envelope")
     _check_range(request, size)
-    return web.FileResponse(path, headers={"Content-Type": ENVELOPE_TYPE})
+    return await blobs.response(request, row.id, ENVELOPE_TYPE)
 
 
 def _check_range(request: web.Request, size: int) -> None:
     """Refuse a Range the envelope cannot satisfy as problem+json (FileResponse would send
-    a bare 416 with the envelope's Content-Type and no body)."""
+    a bare 416 with the envelope's Content-Type and no body; the blob stores serve the rest)."""
     if "Range" not in request.headers:
         return
     try:
@@ -480,7 +478,7 @@ async def _delete(app: web.Application, ids: list[bytes]) -> None:
     # startup sweep removes, never a row that points to a missing blob.
     await app[STORAGE].mark_deleted(ids)
     for envelope_id in ids:
-        app[BLOBS].delete(envelope_id)
+        await app[BLOBS].delete(envelope_id)
 
 
 async def purge_once(app: web.Application) -> None:
@@ -670,14 +668,14 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         receipt = await _existing_receipt(app, row.id, EntryType.SUBMITTED)
         return web.json_response({**_status_json(row), "receipt": receipt}, status=200)
     prefix = signed.prefix
-    part_exists = blobs.part_path(header.id).exists()
+    part_exists = await blobs.has_part(header.id)
     if row is not None and not part_exists and held:
         # The partial blob was lost (a crash before its fsync): start again from 0.
         await storage.set_received(header.id, 0, complete=False, now=now)
         raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
-    fd = blobs.open_part(header.id, prefix, new=row is None or not part_exists)
+    upload = await blobs.open_upload(header.id, prefix, new=row is None or not part_exists)
     # The ciphertext is hashed as it streams, across the requests of an upload (kept in
-    # memory between them); after a restart or an error the file is re-read at the end.
+    # memory between them); after a restart or an error the part is re-read at the end.
     running = app[UPLOAD_HASHES]
     kept = running.pop(header.id, None)
     if row is None:
@@ -695,7 +693,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                     raise DecodeError("more ciphertext than the envelope header's size")  # noqa: TRY301
                 if end > held:
                     skip = max(0, held - pos)
-                    blobs.write(fd, len(prefix) + pos + skip, memoryview(data)[skip:])
+                    await upload.write(len(prefix) + pos + skip, memoryview(data)[skip:])
                     if ct_hash is not None:
                         ct_hash.update(memoryview(data)[skip:])
                 pos = end
@@ -707,28 +705,28 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         body_ok = True
         complete = pos == header.size
         if complete:
-            if ct_hash is not None:
-                _check_ciphertext_hash(ct_hash.digest(), header)
-            else:
-                await asyncio.to_thread(_verify_ciphertext, blobs.part_path(header.id), len(prefix), header)
-            await asyncio.to_thread(blobs.commit, header.id, fd)
+            if ct_hash is None:
+                await upload.sync()  # every byte in the store, where it is re-read
+            digest = ct_hash.digest() if ct_hash is not None else await blobs.part_sha256(header.id, len(prefix))
+            _check_ciphertext_hash(digest, header)
+            await upload.commit()
         else:
-            await asyncio.to_thread(blobs.sync, fd)
+            await upload.sync()
             if ct_hash is not None and len(running) < _MAX_RUNNING_HASHES:
                 running[header.id] = (pos, ct_hash)
     except BaseException as e:
-        os.close(fd)
+        await upload.close()
         if row is None:
-            blobs.delete(header.id)
+            await blobs.delete(header.id)
         elif isinstance(e, RelayError) and e.code == "digest_mismatch" and body_ok and pos == header.size:
             # The whole ciphertext is wrong somewhere: nothing can be resumed, discard it.
             # (A body damaged in transit, refused by its Content-Digest, only loses its own bytes.)
             await storage.discard_upload(header.id)
-            blobs.delete(header.id)
+            await blobs.delete(header.id)
         else:
-            blobs.truncate(header.id, len(prefix) + held)
+            await blobs.truncate(header.id, len(prefix) + held)
         raise
-    os.close(fd)
+    await upload.close()
 
     async def record(tx: Tx | None = None) -> None:
         if row is None:
@@ -759,9 +757,9 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             # resumes; a single-request one leaves nothing. (Not on cancellation: a caller
             # gone mid-batch still has its leaf logged, and its blob must stay.)
             if row is None:
-                blobs.delete(header.id)
+                await blobs.delete(header.id)
             else:
-                blobs.uncommit(header.id)
+                await blobs.uncommit(header.id)
             raise
         receipt = await app[LOG].receipt(appended)
         log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to),
@@ -773,9 +771,9 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             # The row did not move: neither do the bytes (a new upload leaves nothing). (Not
             # on cancellation: the transaction may have committed all the same.)
             if row is None:
-                blobs.delete(header.id)
+                await blobs.delete(header.id)
             else:
-                blobs.truncate(header.id, len(prefix) + held)
+                await blobs.truncate(header.id, len(prefix) + held)
             raise
     new_row = await storage.envelope(header.id)
     assert new_row is not None
@@ -785,15 +783,6 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
 def _check_digest(request: web.Request, body: _Body) -> None:
     if not hmac.compare_digest(body.hash.digest(), request[DIGEST]):
         raise RelayError("digest_mismatch", 400, "the body does not match its Content-Digest")
-
-
-def _verify_ciphertext(path: os.PathLike[str], skip: int, header: EnvelopeHeader) -> None:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:  # noqa: PTH123
-        f.seek(skip)
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    _check_ciphertext_hash(h.digest(), header)
 
 
 def _check_ciphertext_hash(digest: bytes, header: EnvelopeHeader) -> None:

@@ -4,7 +4,9 @@ Two (then three) real relay processes (``python -m relay serve --database DSN``)
 different ports share one PostgreSQL database and one data folder (``--data``), as nodes
 behind a load balancer share a mounted volume: the blob folder, and the log key
 ``DATA/log.key`` (created by the first node to start; every node signs with it, and the
-log's origin is stored in the database once). Submissions go to both nodes at once; then:
+log's origin is stored in the database once). A variant keeps the blobs in PostgreSQL
+(``blob_store = "postgresql"``): each node has a folder of its own, holding only a copy
+of the first node's log key. Submissions go to both nodes at once; then:
 
 - the log is one sequence: leaf indices unique and contiguous, both nodes serve the same
   leaves, and every receipt verifies against its checkpoint;
@@ -23,6 +25,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -75,15 +78,24 @@ class Cluster:
     tmp: Path
     session: aiohttp.ClientSession
     nodes: list[Node] = field(default_factory=list)
+    #: "fs": one shared data folder (blobs and log key); "postgresql": blobs in the database,
+    #: a data folder per node holding a copy of the first node's log key, and nothing else shared
+    blob_store: str = "fs"
 
     async def start(self) -> Node:
         n = len(self.nodes)
         stderr = self.tmp / f"node{n}.log"
+        data = self.data
+        if self.blob_store != "fs":
+            data = self.tmp / f"node{n}-data"
+            if n:
+                data.mkdir()
+                shutil.copy2(self.tmp / "node0-data" / "log.key", data / "log.key")
         with stderr.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relay", "serve", "--data", str(self.data), "--database", self.dsn,
+                sys.executable, "-m", "relay", "serve", "--data", str(data), "--database", self.dsn,
                 "--listen", "127.0.0.1:0", stdout=asyncio.subprocess.PIPE, stderr=err,
-                env={**os.environ, **_ENV},
+                env={**os.environ, **_ENV, "PLI_RELAY_BLOB_STORE": self.blob_store},
             )
         assert proc.stdout is not None
         try:
@@ -126,9 +138,10 @@ class Cluster:
 
 
 @pytest_asyncio.fixture
-async def cluster(pg_dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Path) -> AsyncIterator[Cluster]:
     async with aiohttp.ClientSession() as session:
-        c = Cluster(dsn=pg_dsn, data=tmp_path / "shared", tmp=tmp_path, session=session)
+        c = Cluster(dsn=pg_dsn, data=tmp_path / "shared", tmp=tmp_path, session=session,
+                    blob_store=getattr(request, "param", "fs"))
         try:
             yield c
         finally:
@@ -203,6 +216,8 @@ async def _check_one_log(c: Cluster, who: Auditor, receipts: list[dict[str, Any]
     return size
 
 
+@pytest.mark.parametrize("cluster", ["fs", "postgresql"], indirect=True,
+                         ids=["shared-folder", "blobs-in-postgresql-no-shared-folder"])
 async def test_two_nodes_one_log_concurrent_submissions(cluster: Cluster) -> None:
     a = await cluster.start()
     b = await cluster.start()
@@ -214,7 +229,10 @@ async def test_two_nodes_one_log_concurrent_submissions(cluster: Cluster) -> Non
     size = await _check_one_log(cluster, who, receipts)
     assert size == 2 + 60  # two enrolments, sixty submissions: nothing else, no gap
     assert sorted(r["index"] for r in receipts) == list(range(2, 62))
-    # Each node lists and serves what the other stored (the blobs on the shared volume).
+    # Each node lists and serves what the other stored (the blobs on the shared volume, or
+    # in the database: then no node's folder holds a blob, only its copy of the log key).
+    if cluster.blob_store != "fs":
+        assert sorted(p.name for p in (cluster.tmp / "node1-data").rglob("*") if p.is_file()) == ["log.key"]
     r = await signed(cluster.session, derm, "GET", b.u("/v1/inbox"))
     assert r.status == 200
     assert {e["id"] for e in r.json()["envelopes"]} == {eid.hex() for eid, _ in results}

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from _pg import PgServer
 from conftest import DERM, GP, Relay, RelayFactory, assert_problem, make_envelope, send_raw
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -27,7 +28,8 @@ from protocol import codec, merkle
 from protocol.keys import DeviceKeys
 from protocol.note import Checkpoint, Verifier, open_checkpoint
 from relay.app import LOG, create_app
-from relay.config import RelayConfig, load_config_sources
+from relay.backup import split_password
+from relay.config import ConfigError, RelayConfig, load_config_sources
 from relay.metrics import METRICS
 from relay.ops import client_from_forwarded, config_reference, effective_config, mask
 from tools.case_samples import request_body
@@ -439,17 +441,111 @@ async def test_restore_refuses_what_is_not_a_backup(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".new")] == []
 
 
-def test_backup_is_not_yet_for_postgresql(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blob_store", ["fs", "postgresql"])
+async def test_backup_of_a_running_postgresql_relay_restores_the_same_envelopes_and_log(
+    tmp_path: Path, relay_factory: RelayFactory, pg_server: PgServer, pg_dsn: str, blob_store: str
+) -> None:
+    old = await relay_factory("old", database=pg_dsn, blob_store=blob_store)
+    gp = await old.enroll(GP, with_home=True)
+    derm = await old.enroll(DERM, with_home=True)
+    assert gp.home is not None
+    photo = tmp_path / "photo.bin"
+    sent = []
+    for i in range(3):
+        photo.write_bytes(os.urandom(1_500_000 + i))  # more than one chunk in the database
+        sent.append(await core.send(gp.home, gp.keys, to=[DERM], kind="request",
+                                    body=request_body(requis_rpps=DERM), files=[photo]))
+    originals = {}
+    for s in sent:
+        r = await old.get(derm.keys, f"/v1/envelopes/{s.envelope_id}")
+        assert r.status == 200
+        originals[s.envelope_id] = r.body
+    vkey = (await send_raw(old.session, "GET", old.u("/log/vkey"))).body.decode().strip()
+    before = _open((await send_raw(old.session, "GET", old.u("/checkpoint"))).body, vkey)
+
+    async def submissions_meanwhile() -> int:
+        for _ in range(4):
+            ct = os.urandom(20_000)
+            eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=old.clock())
+            assert (await old.put(gp.keys, eid, prefix + ct)).status == 201
+        return 4
+
+    backup = tmp_path / "relay-backup.tar"
+    settings = tmp_path / "relay.toml"  # the relay's own settings, as an operator runs the tools
+    settings.write_text(f'[relay]\ndatabase = "{pg_dsn}"\nblob_store = "{blob_store}"\n', encoding="utf-8")
+    if blob_store == "postgresql":  # without them, the backup would miss the ciphertext: refused
+        assert_clean_failure(await cli("backup", "--data", old.data, "--database", pg_dsn, "--to", backup),
+                             "blob_store = postgresql")
+        assert not backup.exists()
+    run, _ = await asyncio.gather(  # the old relay keeps serving, and taking envelopes, meanwhile
+        cli("--config", settings, "backup", "--data", old.data, "--to", backup, "--json"), submissions_meanwhile())
+    assert run.code == 0, run.err
+    made = json.loads(run.out)
+    assert made["engine"] == "postgresql"
+    assert made["log_size"] >= before.size
+    assert made["envelopes_stored"] >= 3
+    assert made["missing_blobs"] == 0
+    with tarfile.open(backup) as tar:
+        names = set(tar.getnames())
+        assert tar.getmember("log.key").mode == 0o600
+    assert {"manifest.json", "relay.pgdump", "log.key"} <= names
+    blob_files = sum(n.startswith("blobs/") for n in names)
+    assert blob_files == (made["envelopes_stored"] if blob_store == "fs" else 0)  # else: in the dump
+
+    # Never over something: a database with tables (here the old relay's) is refused, untouched.
+    assert_clean_failure(await cli("restore", "--from", backup, "--data", tmp_path / "x", "--database", pg_dsn),
+                         "not empty")
+    assert not (tmp_path / "x").exists()
+    assert (await old.get(derm.keys, "/v1/inbox")).status == 200
+    # A SQLite target for a PostgreSQL backup says what to give.
+    assert_clean_failure(await cli("restore", "--from", backup, "--data", tmp_path / "y"), "--database")
+
+    new_dsn = pg_server.create_database()
+    run = await cli("restore", "--from", backup, "--data", tmp_path / "new", "--database", new_dsn, "--json")
+    assert run.code == 0, run.err
+    assert json.loads(run.out)["log_size"] == made["log_size"]
+    new = await relay_factory("new", database=new_dsn, blob_store=blob_store)
+    for envelope_id, body in originals.items():
+        r = await new.get(derm.keys, f"/v1/envelopes/{envelope_id}")
+        assert r.status == 200
+        assert r.body == body
+        r = await new.get(derm.keys, f"/v1/envelopes/{envelope_id}", headers={"Range": "bytes=1048570-"})
+        assert (r.status, r.body) == (206, body[1048570:])
+    # The same log, and it goes on: a consistency proof links the checkpoint held before the
+    # backup, and the backup's own, to the restored relay's after one more entry.
+    assert (await new.ack(derm.keys, bytes.fromhex(sent[0].envelope_id))).status == 200
+    assert (await send_raw(new.session, "GET", new.u("/log/vkey"))).body.decode().strip() == vkey
+    after = _open((await send_raw(new.session, "GET", new.u("/checkpoint"))).body, vkey)
+    assert (after.origin, after.size) == (before.origin, made["log_size"] + 1)
+    for held in (before, _open(made["checkpoint"].encode(), vkey)):
+        r = await send_raw(new.session, "GET", new.u(f"/log/consistency?first={held.size}&second={after.size}"))
+        proof = [base64.b64decode(h) for h in r.json()["proof"]]
+        merkle.verify_consistency(held.size, after.size, proof, held.root_hash, after.root_hash)
+
+
+def test_pg_tools_get_the_password_from_the_environment_never_the_command_line(tmp_path: Path) -> None:
+    assert split_password("postgresql://pli:p%40ss@db.example:5432/pli?sslmode=require") == (
+        "postgresql://pli@db.example:5432/pli?sslmode=require", "p@ss")
+    assert split_password("postgresql://pli@db/pli") == ("postgresql://pli@db/pli", None)
     from click.testing import CliRunner  # noqa: PLC0415
 
     from relay.cli import cli as relay_cli  # noqa: PLC0415
 
-    env = {"PLI_RELAY_DATABASE": "postgresql://pli:pw@127.0.0.1:1/pli"}
+    (tmp_path / "log.key").write_bytes(b"k" * 32)
+    env = {"PLI_RELAY_DATABASE": "postgresql://pli:s3cr3t-pw@127.0.0.1:1/pli"}
     result = CliRunner().invoke(relay_cli, ["backup", "--data", str(tmp_path), "--to", str(tmp_path / "b.tar")],
                                 env=env)
     assert result.exit_code == 1
-    assert "not yet for PostgreSQL" in result.output
-    assert "pw" not in result.output
+    assert "backup failed: cannot connect to the database" in result.output
+    assert "s3cr3t" not in result.output
+    assert not (tmp_path / "b.tar").exists()
+
+
+def test_blobs_in_postgresql_need_a_postgresql_database(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="blob_store = postgresql keeps ciphertext in the PostgreSQL database"):
+        RelayConfig(data=tmp_path, blob_store="postgresql")
+    with pytest.raises(ConfigError, match="blob_store: fs or postgresql"):
+        RelayConfig(data=tmp_path, blob_store="s3")
 
 
 def test_app_has_its_own_registry(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,10 +28,15 @@ from conftest import DERM, GP, Relay, RelayFactory, assert_problem, make_envelop
 from protocol import merkle, note
 from protocol.keys import DeviceKeys
 from protocol.logentry import EntryType, LogEntry
+from relay._pgblobs import CHUNK
+from relay.app import BLOBS
+from relay.blobs import BlobStore, open_blobs
 from relay.cli import cli
+from relay.config import RelayConfig
 from relay.errors import RelayError
 from relay.log import TransparencyLog
-from relay.storage import Migration, Practitioner, SchemaError, Storage
+from relay.routes import purge_once
+from relay.storage import Migration, Practitioner, SchemaError, Storage, open_storage
 from relay.storage import migrations as mig
 
 ENGINES = ["sqlite", "postgresql"]
@@ -289,7 +295,11 @@ def _with_extra(base: tuple[Migration, ...], *extra: Migration) -> tuple[Migrati
 
 
 _TWO = Migration(2, "extra table", "CREATE TABLE extra_one (x INTEGER)")
-_THREE = Migration(3, "another", "CREATE TABLE extra_two (x INTEGER)")
+
+
+def _extra(base: tuple[Migration, ...], n: int) -> Migration:
+    """The ``n``-th migration after the engine's own (1: the next one)."""
+    return Migration(len(base) + n, f"extra {n}", f"CREATE TABLE extra_{n} (x INTEGER)")
 
 
 def _engine_migrations(location: Path | str) -> tuple[Migration, ...]:
@@ -298,22 +308,24 @@ def _engine_migrations(location: Path | str) -> tuple[Migration, ...]:
 
 async def test_migrate_applies_pending_ones_in_order_once(empty_location: Path | str) -> None:
     base = _engine_migrations(empty_location)
+    latest = len(base) + 2
     if isinstance(empty_location, str):
         with pytest.raises(SchemaError, match="run `pli-relay migrate`"):
             await Storage.open(empty_location)  # PostgreSQL is never set up implicitly
-    storage = await Storage.open(empty_location, check=False, migrations=_with_extra(base, _TWO, _THREE))
+    storage = await Storage.open(empty_location, check=False,
+                                 migrations=_with_extra(base, _extra(base, 1), _extra(base, 2)))
     try:
-        assert [m.version for m in await storage.migrate(now=NOW)] == [1, 2, 3]
+        assert [m.version for m in await storage.migrate(now=NOW)] == list(range(1, latest + 1))
         assert await storage.migrate(now=NOW) == []
-        assert await storage.schema_version() == 3
+        assert await storage.schema_version() == latest
         with pytest.raises(SchemaError, match="applied already"):
-            await storage.apply_migration(_TWO, now=NOW)
+            await storage.apply_migration(_extra(base, 1), now=NOW)
         with pytest.raises(SchemaError, match="out of order"):
-            await storage.apply_migration(Migration(5, "gap", "CREATE TABLE extra_five (x INTEGER)"), now=NOW)
-        assert await storage.schema_version() == 3
+            await storage.apply_migration(_extra(base, 4), now=NOW)
+        assert await storage.schema_version() == latest
     finally:
         await storage.close()
-    # A relay that knows only version 1 refuses this database: a newer relay migrated it.
+    # A relay that knows only its own migrations refuses this database: a newer relay migrated it.
     with pytest.raises(SchemaError, match="does not know"):
         await Storage.open(empty_location)
 
@@ -323,22 +335,24 @@ async def test_a_relay_refuses_a_schema_not_migrated_yet(empty_location: Path | 
     storage = await Storage.open(empty_location, check=False)
     await storage.migrate(now=NOW)
     await storage.close()
-    newer = _with_extra(base, _TWO)
-    with pytest.raises(SchemaError, match="schema version 1, this relay needs 2: run `pli-relay migrate`"):
+    newer = _with_extra(base, _extra(base, 1))
+    n = len(base)
+    with pytest.raises(SchemaError, match=f"schema version {n}, this relay needs {n + 1}: run `pli-relay migrate`"):
         await Storage.open(empty_location, migrations=newer)
     storage = await Storage.open(empty_location, check=False, migrations=newer)
-    assert [m.version for m in await storage.migrate(now=NOW)] == [2]
+    assert [m.version for m in await storage.migrate(now=NOW)] == [n + 1]
     await storage.close()
     storage = await Storage.open(empty_location, migrations=newer)
     await storage.close()
 
 
 async def test_a_migration_out_of_order_is_refused(empty_location: Path | str) -> None:
-    storage = await Storage.open(empty_location, check=False, migrations=_with_extra(
-        _engine_migrations(empty_location), _THREE))
+    base = _engine_migrations(empty_location)
+    skipping = _with_extra(base[:1], *base[2:], _extra(base, 2)) if len(base) > 1 else (*base, _extra(base, 2))
+    storage = await Storage.open(empty_location, check=False, migrations=skipping)
     try:
         with pytest.raises(SchemaError, match="out of order"):
-            await storage.apply_migration(_THREE, now=NOW)
+            await storage.apply_migration(_extra(base, 2), now=NOW)
         with pytest.raises(SchemaError, match="out of order"):
             await storage.migrate(now=NOW)  # the list itself skips 2: refused before anything
         assert await storage.schema_version() == 0
@@ -371,7 +385,8 @@ def test_pli_relay_migrate_command(tmp_path: Path, pg_empty_dsn: str) -> None:
     r = runner.invoke(cli, ["migrate", "--data", str(tmp_path), "--database", pg_empty_dsn])
     assert r.exit_code == 0, r.output
     assert "applied migration 1 (initial)" in r.output
-    assert "postgresql schema at version 1: up to date" in r.output
+    assert "applied migration 2 (blob_chunks)" in r.output
+    assert "postgresql schema at version 2: up to date" in r.output
     r = runner.invoke(cli, ["migrate", "--data", str(tmp_path), "--database", pg_empty_dsn])
     assert r.exit_code == 0, r.output
     assert "applied" not in r.output
@@ -384,7 +399,7 @@ def test_serve_refuses_an_unmigrated_database_and_says_what_to_do(tmp_path: Path
     r = CliRunner().invoke(cli, ["serve", "--data", str(tmp_path), "--database", pg_empty_dsn,
                                  "--listen", "127.0.0.1:0"])
     assert r.exit_code == 1
-    assert "schema version 0, this relay needs 1: run `pli-relay migrate`" in r.output
+    assert f"schema version 0, this relay needs {len(mig.POSTGRES)}: run `pli-relay migrate`" in r.output
 
 
 # -- new mail ---------------------------------------------------------------------------------------
@@ -414,6 +429,137 @@ async def test_new_mail_wakes_a_waiting_inbox_only_once_committed(location: Path
         if b is not a:
             await b.close()
         await a.close()
+
+
+# -- blob stores ------------------------------------------------------------------------------------
+# Each test runs on the file system store (with SQLite) and on the PostgreSQL store.
+
+BLOB_STORES = ["fs", "postgresql"]
+
+
+def _blob_settings(request: pytest.FixtureRequest, blob_store: str) -> dict[str, Any]:
+    if blob_store == "fs":
+        return {}
+    return {"database": request.getfixturevalue("pg_dsn"), "blob_store": blob_store}
+
+
+@pytest_asyncio.fixture(params=BLOB_STORES)
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Storage, BlobStore]]:
+    cfg = RelayConfig(data=tmp_path, **_blob_settings(request, request.param))
+    storage = await open_storage(cfg)
+    yield storage, open_blobs(cfg, storage)
+    await storage.close()
+
+
+async def _put_part(store: BlobStore, eid: bytes, prefix: bytes, offset: int, data: bytes, *, new: bool = False,
+                    commit: bool = False) -> None:
+    """One request's worth of writes, made durable as the upload route does."""
+    up = await store.open_upload(eid, prefix, new=new)
+    try:
+        if data:
+            await up.write(offset, data)
+        await (up.commit() if commit else up.sync())
+    finally:
+        await up.close()
+
+
+async def test_blob_store_upload_in_pieces_resumes_truncates_commits_and_deletes(
+    blobs: tuple[Storage, BlobStore],
+) -> None:
+    _, store = blobs
+    prefix = b"P" * 300
+    ct = os.urandom(2 * CHUNK + 12_345)
+    eid = os.urandom(16)
+    assert not await store.has_part(eid)
+    await _put_part(store, eid, prefix, len(prefix), ct[: CHUNK + 5], new=True)
+    assert await store.has_part(eid)
+    held = len(prefix) + CHUNK + 5
+    # A request that failed after writing: its bytes go, back to what the row holds.
+    await _put_part(store, eid, prefix, held, os.urandom(70_000))
+    await store.truncate(eid, held)
+    # Resumed in two more requests, the first retried from below the part's end.
+    await _put_part(store, eid, prefix, held, ct[CHUNK + 5 : CHUNK + 900_000])
+    await _put_part(store, eid, prefix, held, ct[CHUNK + 5 : CHUNK + 1_000_000])
+    await _put_part(store, eid, prefix, len(prefix) + CHUNK + 1_000_000, ct[CHUNK + 1_000_000 :], commit=True)
+    assert await store.size(eid) == len(prefix) + len(ct)
+    # A log batch that failed: back to a part, which hashes and commits again.
+    await store.uncommit(eid)
+    assert await store.has_part(eid)
+    assert await store.part_sha256(eid, len(prefix)) == hashlib.sha256(ct).digest()
+    await _put_part(store, eid, prefix, 0, b"", commit=True)
+    assert await store.size(eid) == len(prefix) + len(ct)
+    # A new upload of the same id starts over.
+    other = os.urandom(16)
+    await _put_part(store, other, prefix, len(prefix), b"abc", new=True)
+    await _put_part(store, other, prefix, len(prefix), b"xy", new=True, commit=True)
+    assert await store.size(other) == len(prefix) + 2
+    for gone in (eid, other):
+        await store.delete(gone)
+        assert await store.size(gone) is None
+        assert not await store.has_part(gone)
+
+
+async def test_blob_store_sweep_removes_only_what_no_envelope_owns(blobs: tuple[Storage, BlobStore]) -> None:
+    storage, store = blobs
+    gp = await _enrolled(storage)
+    stored = await _envelope(storage, gp.device_id, [gp.device_id])
+    uploading = await _envelope(storage, gp.device_id, [gp.device_id], size=100, received=10)
+    orphan = os.urandom(16)
+    for eid in (stored, uploading, orphan):
+        await _put_part(store, eid, b"prefix", 6, b"x" * 10, new=True, commit=eid != uploading)
+    assert await store.sweep(storage, grace=3600) == []  # written just now: maybe another node's
+    assert await store.sweep(storage, grace=0) == [orphan.hex()]
+    assert await store.size(stored) == 16
+    assert await store.has_part(uploading)
+    assert not await store.has_part(orphan)
+
+
+@pytest.mark.parametrize("blob_store", BLOB_STORES)
+async def test_relay_upload_in_pieces_resume_range_download_and_purge(
+    relay_factory: RelayFactory, request: pytest.FixtureRequest, blob_store: str
+) -> None:
+    relay = await relay_factory(max_request=700_000, **_blob_settings(request, blob_store))
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    ct = os.urandom(2 * CHUNK + 4321)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    r = await relay.put(gp.keys, eid, prefix + ct[:400_000])
+    assert (r.status, r.json()["offset"]) == (200, 400_000)
+    # A retried PUT resends bytes the relay holds: skipped. A damaged piece loses only itself.
+    assert (await relay.put(gp.keys, eid, prefix + ct[:300_000])).json()["offset"] == 400_000
+    bad = await relay.patch(gp.keys, eid, 400_000, ct[400_000:1_000_000], digest_of=b"other bytes")
+    assert_problem(bad, 400, "digest_mismatch")
+    assert_problem(await relay.patch(gp.keys, eid, 123, ct[123:500]), 409, "offset_mismatch")
+    offset = 400_000
+    while offset < len(ct):
+        piece = ct[offset : offset + 650_000]
+        r = await relay.patch(gp.keys, eid, offset, piece)
+        offset += len(piece)
+        assert r.status == (201 if offset == len(ct) else 200), r.body[:300]
+    assert r.json()["receipt"] is not None
+    whole = prefix + ct
+    path = f"/v1/envelopes/{eid.hex()}"
+    assert (await relay.get(derm.keys, path)).body == whole
+    for rng, start, stop in ((f"bytes={CHUNK - 7}-", CHUNK - 7, len(whole)), ("bytes=-100", len(whole) - 100,
+                             len(whole)), (f"bytes=10-{CHUNK + 20}", 10, CHUNK + 21)):
+        r = await relay.get(derm.keys, path, headers={"Range": rng})
+        assert (r.status, r.body == whole[start:stop]) == (206, True), rng
+        assert r.headers["Content-Range"] == f"bytes {start}-{stop - 1}/{len(whole)}"
+    for rng in (f"bytes={len(whole)}-", "bytes=abc", "bytes=10-5"):
+        assert_problem(await relay.get(derm.keys, path, headers={"Range": rng}), 416)
+    ready = await relay.signed(derm.keys, "GET", "/readyz")
+    assert ready.json()["checks"]["blobs"] == "ok"
+    # Acknowledged by its only recipient: the ciphertext goes at once.
+    assert (await relay.ack(derm.keys, eid)).json()["deleted"] is True
+    assert await relay.app[BLOBS].size(eid) is None
+    assert_problem(await relay.get(derm.keys, path), 404, "not_found")
+    # Expired: purged.
+    short = os.urandom(3000)
+    sid, sprefix = make_envelope(gp.keys, [derm.device_id], short, now=relay.clock(), expires=relay.clock() + 60)
+    assert (await relay.put(gp.keys, sid, sprefix + short)).status == 201
+    assert await relay.app[BLOBS].size(sid) == len(sprefix) + len(short)
+    relay.clock.advance(61)
+    await purge_once(relay.app)
+    assert await relay.app[BLOBS].size(sid) is None
 
 
 # -- the relay's own flows, on PostgreSQL -------------------------------------------------------------

@@ -5,8 +5,8 @@ applied)``. ``pli-relay migrate`` applies the pending ones in order, each in its
 transaction with its record; a migration is refused if it is not exactly the next one
 (applied twice, or out of order). A relay refuses to start on a database whose record
 is not a prefix of the migrations it knows (a newer relay migrated it) or that lacks
-some of them (run ``pli-relay migrate``). A new migration is appended to both lists
-with the next number; an applied one is never edited.
+some of them (run ``pli-relay migrate``). A new migration is appended to its engine's
+list (to both if both need it) with the next number; an applied one is never edited.
 
 A SQLite database from before this record (``meta.schema = 1``) counts as version 1.
 """
@@ -195,6 +195,21 @@ CREATE TABLE log_checkpoints (
 )
 """
 
+# Ciphertext kept in the database (blob_store = "postgresql", relay._pgblobs): each row the
+# bytes of one envelope's blob from offset `pos`, at most 1 MiB; `written` (Unix seconds)
+# spares the chunks of another node's upload in flight from the startup sweep.
+_POSTGRES_2 = """
+CREATE TABLE blob_chunks (
+    envelope_id BYTEA NOT NULL,
+    pos BIGINT NOT NULL CHECK (pos >= 0),
+    data BYTEA NOT NULL CHECK (length(data) BETWEEN 1 AND 1048576),
+    written BIGINT NOT NULL,
+    PRIMARY KEY (envelope_id, pos)
+);
+CREATE INDEX blob_chunks_written ON blob_chunks(written)
+"""
+
+
 def refuse_unless_next(applied: list[tuple[int, str]], migration: Migration) -> None:
     current = applied[-1][0] if applied else 0
     if any(v == migration.version for v, _ in applied):
@@ -207,4 +222,4 @@ def refuse_unless_next(applied: list[tuple[int, str]], migration: Migration) -> 
 
 
 SQLITE: tuple[Migration, ...] = (Migration(1, "initial", _SQLITE_1),)
-POSTGRES: tuple[Migration, ...] = (Migration(1, "initial", _POSTGRES_1),)
+POSTGRES: tuple[Migration, ...] = (Migration(1, "initial", _POSTGRES_1), Migration(2, "blob_chunks", _POSTGRES_2))
