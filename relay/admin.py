@@ -32,7 +32,7 @@ from relay.backup import (
 from relay.blobs import open_blobs
 from relay.config import ConfigError, RelayConfig, load_config, load_config_sources
 from relay.ops import config_reference, config_text, effective_config
-from relay.storage import Storage, open_storage
+from relay.storage import SchemaError, Storage, open_storage
 
 __all__ = ["COMMANDS", "BackupError", "backup_sqlite", "restore_sqlite"]
 
@@ -47,7 +47,7 @@ def _load(ctx: click.Context, **overrides: Any) -> RelayConfig:
 def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
-    except BackupError as e:
+    except (BackupError, SchemaError) as e:  # SchemaError: also no database here (NoRelayDataError)
         raise click.ClickException(str(e)) from e
 
 
@@ -239,8 +239,9 @@ def purge_command(ctx: click.Context, data: Path | None, as_json: bool) -> None:
 
 
 _database_option = click.option(
-    "--database", help="sqlite (in --data), or a PostgreSQL DSN postgresql://user:password@host/db "
-    "[env PLI_RELAY_DATABASE; default sqlite].",
+    "--database", help="sqlite (in --data), or a PostgreSQL DSN postgresql://user@host/db?passfile=FILE "
+    "(the password in a libpq password file, or PGPASSFILE: never on the command line, which every user "
+    "of the machine can read) [env PLI_RELAY_DATABASE; default sqlite].",
 )
 
 

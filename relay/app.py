@@ -247,7 +247,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     cfg.data.mkdir(parents=True, exist_ok=True)
-    storage = await open_storage(cfg)
+    storage = await open_storage(cfg, create=True)
     try:
         blobs = open_blobs(cfg, storage)
         # On PostgreSQL other nodes share the blob store: a blob without its row may be
@@ -262,7 +262,7 @@ async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("startup_recovery", removed_orphan_blobs=len(removed), files=sorted(removed))
     try:
         tlog = await open_log(cfg.data, storage, origin=cfg.log_origin, clock=app[CLOCK],
-                              window=cfg.group_commit_ms / 1000)
+                              window=cfg.group_commit_ms / 1000, create=True)
     except BaseException:
         await storage.close()
         raise
@@ -297,6 +297,9 @@ async def _metrics_start(app: web.Application) -> None:
 
 async def _mark_stopping(app: web.Application) -> None:
     app[METRICS].stopping = True
+    # Long polls answer now (with what the inbox holds), not when the shutdown grace ends.
+    if STORAGE in app:
+        app[STORAGE].wake_all()
 
 
 def create_app(

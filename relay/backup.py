@@ -46,8 +46,10 @@ __all__ = [
     "BackupError",
     "backup_postgres",
     "backup_sqlite",
+    "check_members",
     "check_restored",
     "drop_restored",
+    "extract_members",
     "pg_tool",
     "restore_postgres",
     "restore_sqlite",
@@ -76,24 +78,28 @@ def _write_tar(to: Path, manifest: dict[str, Any], database: Path, blobs: Path |
     if not key.is_file():
         raise BackupError(f"{key}: the log key is missing; a backup without it cannot sign the log again")
     part = to.with_name(to.name + ".part")
+    # It holds the log's private key: 0600 from its first byte, whatever the umask.
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     missing = 0
     try:
-        with tarfile.open(part, "w", format=tarfile.PAX_FORMAT) as tar:
-            _add_file(tar, database, _DB_MEMBER[manifest["engine"]])
-            _add_file(tar, key, "log.key")
-            for envelope_id in stored if blobs is not None else []:
-                assert blobs is not None
-                h = envelope_id.hex()
-                if not _add_file(tar, blobs / h[:2] / h, f"blobs/{h[:2]}/{h}"):
-                    missing += 1  # purged after the snapshot: it was due for deletion
-            manifest["missing_blobs"] = missing
-            raw = json.dumps(manifest, indent=2).encode()
-            info = tarfile.TarInfo("manifest.json")
-            info.size, info.mtime, info.mode = len(raw), manifest["created"], 0o600
-            tar.addfile(info, _Bytes(raw))
-        with part.open("rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                _add_file(tar, database, _DB_MEMBER[manifest["engine"]])
+                _add_file(tar, key, "log.key")
+                for envelope_id in stored if blobs is not None else []:
+                    assert blobs is not None
+                    h = envelope_id.hex()
+                    if not _add_file(tar, blobs / h[:2] / h, f"blobs/{h[:2]}/{h}"):
+                        missing += 1  # purged after the snapshot: it was due for deletion
+                manifest["missing_blobs"] = missing
+                raw = json.dumps(manifest, indent=2).encode()
+                info = tarfile.TarInfo("manifest.json")
+                info.size, info.mtime, info.mode = len(raw), manifest["created"], 0o600
+                tar.addfile(info, _Bytes(raw))
+            f.flush()
             os.fsync(f.fileno())
         part.replace(to)
+        _fsync_dir(to.parent)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
@@ -135,6 +141,15 @@ def _add_file(tar: tarfile.TarFile, path: Path, name: str) -> bool:
         info.mode, info.uid, info.gid, info.uname, info.gname = 0o600, 0, 0, "", ""
         tar.addfile(info, f)
     return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _check_target(to: Path) -> None:
@@ -356,25 +371,62 @@ def _check_engine(manifest: dict[str, Any], source: Path, engine: str) -> None:
 
 
 def _install(work: Path, data: Path) -> None:
+    (work / "blobs" / "incoming").mkdir(mode=0o700, parents=True, exist_ok=True)
     for path in [work, *work.rglob("*")]:
         path.chmod(0o700 if path.is_dir() else 0o600)
-    (work / "blobs" / "incoming").mkdir(parents=True, exist_ok=True)
     if data.exists():
         data.rmdir()
     work.rename(data)
+    _fsync_dir(data.parent)
+
+
+def check_members(members: list[tarfile.TarInfo], source: Path) -> None:
+    """Refuse a tar that holds anything but what a backup holds: only the names of
+    ``_MEMBER`` (so no absolute path, no ``..``), only regular files and directories (no
+    symbolic or hard link, no device, no FIFO), each name once, and the manifest, the log
+    key and a database."""
+    seen: set[str] = set()
+    for m in members:
+        if not _MEMBER.fullmatch(m.name) or not (m.isreg() or m.isdir()) or m.name in seen:
+            raise BackupError(f"{source}: unexpected member {m.name!r}; not a pli-relay backup")
+        seen.add(m.name)
+    if not {"manifest.json", "log.key"} <= seen or not seen & set(_DB_MEMBER.values()):
+        raise BackupError(f"{source}: manifest.json, the database or log.key missing; not a pli-relay backup")
+
+
+def extract_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], work: Path) -> None:
+    """Write the members ``check_members`` accepted under the folder ``work``: directories
+    0700, files 0600, each file created anew (never through an existing name or link).
+
+    Our own loop, not ``TarFile.extractall``: its ``filter=`` argument (and
+    ``tarfile.data_filter``) do not exist in Debian 12's Python 3.11.2, and nothing of the
+    tar's own modes, owners or times is wanted."""
+    root = work.resolve()
+    for m in members:
+        target = root / m.name
+        if not target.resolve().is_relative_to(root):  # already excluded by the names; kept as a guard
+            raise BackupError(f"unexpected member {m.name!r}; not a pli-relay backup")
+        if m.isdir():
+            target.mkdir(mode=0o700, parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        src = tar.extractfile(m)
+        if src is None:
+            raise BackupError(f"unexpected member {m.name!r}; not a pli-relay backup")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with src, os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def _unpack(tar: tarfile.TarFile, source: Path, work: Path) -> dict[str, Any]:
     """Check the members (only what a backup holds: no links, no other paths), extract
     them into ``work`` and return the manifest (removed from ``work``)."""
     members = tar.getmembers()
-    for m in members:
-        if not _MEMBER.fullmatch(m.name) or not (m.isfile() or m.isdir()):
-            raise BackupError(f"{source}: unexpected member {m.name!r}; not a pli-relay backup")
+    check_members(members, source)
     names = {m.name for m in members}
-    if not {"manifest.json", "log.key"} <= names or not names & set(_DB_MEMBER.values()):
-        raise BackupError(f"{source}: manifest.json, the database or log.key missing; not a pli-relay backup")
-    tar.extractall(work, filter="data")
+    extract_members(tar, members, work)
     manifest: dict[str, Any] = json.loads((work / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("format") != BACKUP_FORMAT or manifest.get("version") != BACKUP_VERSION:
         raise BackupError(f"{source}: backup format {manifest.get('format')!r} "

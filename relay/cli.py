@@ -28,7 +28,7 @@ from relay.admin import COMMANDS
 from relay.app import create_app
 from relay.config import ConfigError, RelayConfig, load_config, load_config_sources
 from relay.limits import listen
-from relay.log import Skip, device_subject, open_log
+from relay.log import LogIntegrityError, Skip, device_subject, open_log
 from relay.metrics import METRICS
 from relay.ops import config_text, effective_config
 from relay.storage import Practitioner, SchemaError, Storage, open_storage
@@ -126,8 +126,9 @@ _data_option = click.option(
     help="Folder for the database and blobs [env PLI_RELAY_DATA; default ./pli-relay-data].",
 )
 _database_option = click.option(
-    "--database", help="sqlite (in --data), or a PostgreSQL DSN postgresql://user:password@host/db "
-    "[env PLI_RELAY_DATABASE; default sqlite].",
+    "--database", help="sqlite (in --data), or a PostgreSQL DSN postgresql://user@host/db?passfile=FILE "
+    "(the password in a libpq password file, or PGPASSFILE: never on the command line, which every user "
+    "of the machine can read) [env PLI_RELAY_DATABASE; default sqlite].",
 )
 
 
@@ -145,7 +146,7 @@ def serve(ctx: click.Context, data: Path | None, database: str | None, listen: s
     configure_logging(cfg.log_format)
     try:
         asyncio.run(_serve(cfg, sources))
-    except SchemaError as e:
+    except (SchemaError, LogIntegrityError) as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:
         raise click.ClickException(f"cannot listen on {cfg.listen}: {e.strerror}") from e
@@ -185,9 +186,9 @@ async def _serve(cfg: RelayConfig, sources: dict[str, str] | None = None) -> Non
     log.info("relay_stopped")
 
 
-def _with_storage(cfg: RelayConfig, fn: Any, *, check: bool = True) -> Any:
+def _with_storage(cfg: RelayConfig, fn: Any, *, check: bool = True, create: bool = False) -> Any:
     async def run() -> Any:
-        storage = await open_storage(cfg, check=check)
+        storage = await open_storage(cfg, check=check, create=create)
         try:
             return await fn(storage)
         finally:
@@ -195,7 +196,7 @@ def _with_storage(cfg: RelayConfig, fn: Any, *, check: bool = True) -> Any:
 
     try:
         return asyncio.run(run())
-    except SchemaError as e:
+    except (SchemaError, LogIntegrityError) as e:
         raise click.ClickException(str(e)) from e
 
 
@@ -216,7 +217,7 @@ def migrate(ctx: click.Context, data: Path | None, database: str | None) -> None
         done = await storage.migrate(now=int(time.time()))
         return [f"{m.version} ({m.name})" for m in done], await storage.schema_version()
 
-    done, version = _with_storage(cfg, run, check=False)
+    done, version = _with_storage(cfg, run, check=False, create=True)
     for name in done:
         click.echo(f"applied migration {name}")
     click.echo(f"{'sqlite' if cfg.database == 'sqlite' else 'postgresql'} schema at version {version}: up to date")

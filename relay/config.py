@@ -17,6 +17,10 @@ from typing import Any
 __all__ = ["ConfigError", "RelayConfig", "load_config", "load_config_sources"]
 
 
+#: the longest ``?wait=`` the protocol allows (SPEC.md §7.5), seconds
+MAX_INBOX_WAIT = 60
+
+
 class ConfigError(Exception):
     """A setting that cannot be used; the message names it."""
 
@@ -27,7 +31,8 @@ class RelayConfig:
     """Folder holding the SQLite database, the ciphertext blobs and the log key."""
     database: str = "sqlite"
     """``sqlite`` (one file in ``data``: one relay node) or a PostgreSQL DSN
-    ``postgresql://user:password@host/db`` (several nodes on one database)."""
+    ``postgresql://user@host/db`` (several nodes on one database); its password in a libpq
+    password file (``?passfile=/etc/pli/pgpass`` or ``PGPASSFILE``), not in the DSN."""
     blob_store: str = "fs"
     """Where ciphertext is kept: ``fs`` (files in ``data``'s ``blobs`` folder; several nodes
     share it on a mounted volume) or ``postgresql`` (1 MiB chunks in the PostgreSQL
@@ -58,8 +63,15 @@ class RelayConfig:
     group_commit_ms: float = 5.0
     """How long the log sequencer gathers submissions into one transaction and checkpoint, ms."""
     max_inbox_wait: float = 60.0
-    """Longest a ``GET /v1/inbox?wait=N`` is held open waiting for new mail, seconds (keep it
-    under the reverse proxy's read timeout)."""
+    """Longest a ``GET /v1/inbox?wait=N`` is held open waiting for new mail, seconds, at most
+    60 (the protocol's limit; keep it under the reverse proxy's read timeout)."""
+    max_inbox_waits_per_device: int = 2
+    """Long polls (``GET /v1/inbox?wait=N``) one device may hold open at once; beyond, the
+    inbox is answered at once, without waiting (SPEC.md §7.5)."""
+    pg_lock_timeout: float = 10.0
+    """PostgreSQL: longest wait for the log sequencer's lock or an envelope's lock held by
+    another node, seconds; then the request is answered ``503 unavailable`` (with
+    ``Retry-After``) and nothing of it is recorded."""
     log_format: str = "auto"
     """``json``, ``console`` or ``auto`` (JSON unless stderr is a terminal)."""
 
@@ -110,16 +122,20 @@ class RelayConfig:
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 - one check per setting, in one place
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
         for name in ("max_request", "max_envelope", "max_skew", "max_lifetime", "invitation_ttl", "max_inbox_wait",
+                     "max_inbox_waits_per_device", "pg_lock_timeout",
                      "body_timeout", "min_body_rate", "max_connections", "max_uploads_in_flight",
                      "max_uploads_per_device", "rate_limit", "rate_burst", "device_quota",
                      "enroll_failures", "enroll_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.max_inbox_wait > MAX_INBOX_WAIT:
+            raise ConfigError(f"max_inbox_wait: at most {MAX_INBOX_WAIT} seconds (the protocol's limit on "
+                              f"?wait=), got {self.max_inbox_wait}")
         if self.log_format not in {"auto", "json", "console"}:
             raise ConfigError("log_format: json, console or auto")
         if self.database != "sqlite" and not self.database.startswith(("postgresql://", "postgres://")):

@@ -18,6 +18,7 @@ import sqlite3
 from protocol.errors import PliError
 
 __all__ = [
+    "PG_RETRYABLE",
     "STORAGE_RETRY_AFTER",
     "RelayError",
     "forbidden",
@@ -82,10 +83,18 @@ def storage_unavailable() -> RelayError:
     )
 
 
-def storage_failure(e: BaseException) -> RelayError | None:
-    """``503 storage_unavailable`` if ``e`` says the disk cannot take a write now, else None."""
+def storage_failure(e: BaseException) -> RelayError | None:  # noqa: PLR0911 - one answer per kind
+    """``503 storage_unavailable`` if ``e`` says the disk or database cannot take a write
+    now, ``503 unavailable`` if it is busy (a lock or statement timed out, a deadlock or
+    serialization failure: retry shortly), else None (a bug: 500)."""
     if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
         return storage_unavailable()
+    if isinstance(e, ConnectionError | TimeoutError):
+        # The database server refused, reset or stopped answering (OSError subclasses,
+        # whatever their errno); TimeoutError: asyncpg's command_timeout, a pool acquire.
+        return storage_unavailable() if isinstance(e, ConnectionError) else _busy()
+    if _is_asyncpg_interface_error(e):
+        return storage_unavailable()  # "connection is closed", "another operation is in progress"…
     if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_STORAGE_CODES:
         return storage_unavailable()
     # PostgreSQL (asyncpg errors carry the SQLSTATE): out of space or resources, the server
@@ -93,4 +102,24 @@ def storage_failure(e: BaseException) -> RelayError | None:
     sqlstate = getattr(e, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate.startswith(("53", "57P", "08", "25006")):
         return storage_unavailable()
+    if sqlstate in _PG_BUSY:
+        return _busy()
     return None
+
+
+#: SQLSTATEs of a busy database, not a broken one: serialization failure, deadlock,
+#: lock_timeout (lock_not_available), statement_timeout (query_canceled),
+#: idle_in_transaction_session_timeout
+_PG_BUSY = frozenset({"40001", "40P01", "55P03", "57014", "25P03"})
+#: SQLSTATEs worth running a transaction again for, once
+PG_RETRYABLE = frozenset({"40001", "40P01"})
+
+
+def _busy() -> RelayError:
+    return unavailable("the relay's database is busy (a lock or a statement timed out); nothing was "
+                       "recorded, try again shortly", retry_after=5)
+
+
+def _is_asyncpg_interface_error(e: BaseException) -> bool:
+    # Without importing asyncpg (optional): its client-side errors, which carry no SQLSTATE.
+    return any(c.__module__.startswith("asyncpg") and c.__name__ == "InterfaceError" for c in type(e).__mro__)

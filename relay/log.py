@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,13 @@ import structlog
 
 from protocol import merkle, note
 from protocol.logentry import LogEntry
-from relay.errors import storage_failure
-from relay.storage import Storage, Tx
+from relay.errors import PG_RETRYABLE, storage_failure
+from relay.storage import NoRelayDataError, Storage, Tx
 
-__all__ = ["Appended", "LogIntegrityError", "Skip", "TransparencyLog", "device_subject", "load_log_key"]
+__all__ = [
+    "HIGHWATER", "Appended", "HighWater", "LogIntegrityError", "Skip", "TransparencyLog", "device_subject",
+    "load_log_key",
+]
 
 log = structlog.get_logger("pli.relay.log")
 
@@ -75,16 +79,21 @@ class _Pending:
     future: asyncio.Future[Appended] = field(repr=False)
 
 
-def load_log_key(data: Path) -> nacl.signing.SigningKey:
+def load_log_key(data: Path, *, create: bool = False) -> nacl.signing.SigningKey:
     """The relay's log key, created on first start (``DATA/log.key``, mode 0600).
 
     Its public half is the log's identity for ever: keep a copy offline (see the
     runbook); a new key needs a new log origin.
+
+    Raises:
+        NoRelayDataError: no key in ``data``, and not ``create`` (only ``serve`` creates one).
     """
     path = data / "log.key"
     if path.exists():
         seed = bytes.fromhex(path.read_text(encoding="ascii").strip())
         return nacl.signing.SigningKey(seed)
+    if not create:
+        raise NoRelayDataError(f"no relay log key in {data}; wrong --data or --config?")
     key = nacl.signing.SigningKey.generate()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as f:
@@ -95,18 +104,69 @@ def load_log_key(data: Path) -> nacl.signing.SigningKey:
 
 
 async def open_log(
-    data: Path, storage: Storage, *, origin: str, clock: Callable[[], int], window: float
+    data: Path, storage: Storage, *, origin: str, clock: Callable[[], int], window: float, create: bool = False
 ) -> TransparencyLog:
-    """The relay's log over ``storage``: key from ``data``, origin from the setting, else the
-    stored one, else ``pli-relay.invalid/<key id>`` (chosen once, on first start)."""
-    key = load_log_key(data)
+    """The relay's log over ``storage``: key from ``data`` (made if ``create``), origin from
+    the setting, else the stored one, else ``pli-relay.invalid/<key id>`` (chosen once, on
+    first start); its high-water mark in ``data`` (:class:`HighWater`)."""
+    key = load_log_key(data, create=create)
     if not origin:
         origin = await storage.meta("log_origin") or ""
     if not origin:
         origin = "pli-relay.invalid/" + note.key_id("pli-relay", bytes(key.verify_key)).hex()
-    tlog = TransparencyLog(storage, key, origin=origin, clock=clock, window=window)
+    tlog = TransparencyLog(storage, key, origin=origin, clock=clock, window=window,
+                           highwater=HighWater(data / HIGHWATER))
     await tlog.open()
     return tlog
+
+
+#: the high-water mark's file name in the data folder
+HIGHWATER = "log.highwater"
+
+
+class HighWater:
+    """The latest size and root this data folder's relay signed, kept outside the database
+    (``DATA/log.highwater``: ``<size> <root hex>``), fsynced before a receipt is answered.
+
+    A database that goes backwards (restored from an older backup, a failover to a lagging
+    replica, a point-in-time recovery) would otherwise be extended under the same key and
+    origin: a second, different root for a size already published, that is a fork. Nodes
+    sharing the data folder share the mark; nodes with a folder each keep their own.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> tuple[int, bytes] | None:
+        try:
+            size, root = self.path.read_text(encoding="ascii").split()
+            return int(size), bytes.fromhex(root)
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise LogIntegrityError(f"{self.path} is not a log high-water mark (<size> <root hex>)") from e
+
+    def write(self, size: int, root: bytes) -> None:
+        """Atomically, durably (blocking: run in a thread); never lowers the mark."""
+        current = self.read()
+        if current is not None and current[0] >= size:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".log.highwater-", dir=self.path.parent)
+        try:
+            os.write(fd, f"{size} {root.hex()}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            Path(tmp).replace(self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 class TransparencyLog:
@@ -118,8 +178,12 @@ class TransparencyLog:
         origin: str,
         clock: Callable[[], int],
         window: float,
+        highwater: HighWater | None = None,
     ) -> None:
         self.storage = storage
+        self.highwater = highwater
+        #: the largest size (and its root) this process or its data folder knows was signed
+        self._signed: tuple[int, bytes] = (0, b"")
         self.origin = origin
         self.signer = note.Signer(origin, key)
         self.verifier = self.signer.verifier
@@ -148,8 +212,18 @@ class TransparencyLog:
                     f"this relay's log has {key} {stored!r}, not {value!r}: a log's origin and key "
                     "never change (start a new log, with a new origin, in a new data folder)"
                 )
+        mark = self.highwater.read() if self.highwater is not None else None
+        if mark is not None:
+            self._signed = mark
         async with self.storage.sequencer_transaction() as tx:
             await self._reload(tx)
+            if mark is not None:
+                row = await tx.fetchone("SELECT root FROM log_checkpoints WHERE size = ?", (mark[0],))
+                if row is None or bytes(row[0]) != mark[1]:
+                    raise LogIntegrityError(
+                        f"the database's log does not hold the checkpoint of size {mark[0]} this relay "
+                        f"signed ({self.highwater.path if self.highwater else ''}): it is another log, "
+                        "or a fork; start a new log (a new log_origin, in a new data folder)")
             if self._range.size == 0 and await tx.fetchone("SELECT 1 FROM log_checkpoints WHERE size = 0") is None:
                 await self._store_checkpoint(tx, self._range)
 
@@ -197,7 +271,14 @@ class TransparencyLog:
             while not self._queue.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                except Exception as e:
+                    if getattr(e, "sqlstate", None) not in PG_RETRYABLE:
+                        raise
+                    # A deadlock or serialization failure rolled the whole batch back: once more.
+                    log.warning("log_batch_retried", sqlstate=getattr(e, "sqlstate", None))
+                    await self._commit([p for p in batch if not p.future.done()])
             except LogIntegrityError as e:
                 self._stop(batch, e)
                 raise
@@ -217,7 +298,7 @@ class TransparencyLog:
             if not p.future.done():
                 p.future.set_exception(e)
 
-    async def _commit(self, batch: list[_Pending]) -> None:  # noqa: C901 - one batch, one transaction
+    async def _commit(self, batch: list[_Pending]) -> None:
         done: list[tuple[_Pending, int, bytes]] = []
         refused: list[tuple[_Pending, Exception]] = []
         try:
@@ -267,6 +348,21 @@ class TransparencyLog:
                     p.future.set_exception(error)
         self._range = rng
         self.batches += 1
+        await self._publish(done, rng, checkpoint)
+
+    async def _publish(self, done: list[tuple[_Pending, int, bytes]], rng: merkle.CompactRange,
+                       checkpoint: str) -> None:
+        """Raise the high-water mark (durably), then answer the batch's submitters."""
+        if self.highwater is not None and rng.size > self._signed[0]:
+            try:
+                await asyncio.to_thread(self.highwater.write, rng.size, rng.root())
+            except OSError as e:
+                # Logged, but not answered: the submitters retry and get their receipt then.
+                for p, _, _ in done:
+                    if not p.future.done():
+                        p.future.set_exception(storage_failure(e) or e)
+                return
+        self._signed = max(self._signed, (rng.size, rng.root()))
         for p, index, leaf in done:
             if not p.future.done():  # a caller that went away still has its leaf logged
                 p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint))
@@ -288,9 +384,12 @@ class TransparencyLog:
 
     async def _reload(self, tx: Tx) -> None:
         """Bring the in-memory right edge in line with the database (another writer may have appended)."""
-        row = await tx.fetchone("SELECT MAX(size) FROM log_checkpoints")
-        size = int(row[0]) if row and row[0] is not None else 0
+        row = await tx.fetchone("SELECT size, root FROM log_checkpoints ORDER BY size DESC LIMIT 1")
+        size = int(row[0]) if row else 0
         if size == self._range.size and (size == 0 or self._range.hashes):
+            self._refuse_going_back(size)
+            if row is not None and bytes(row[1]) != self._range.root():
+                raise LogIntegrityError(f"the database's checkpoint of size {size} is not the one this relay signed")
             return
         need = merkle.perfect_subtrees(0, size) if size else []
         found = await self._nodes(tx, set(need))
@@ -305,7 +404,18 @@ class TransparencyLog:
                 f"the database holds {leaves} log leaves (by index), but the last signed "
                 f"checkpoint is of size {size}: refusing to sign that size again"
             )
+        self._refuse_going_back(size)
         self._range = rng
+
+    def _refuse_going_back(self, size: int) -> None:
+        """Sizes only move forward: signing on from a database that went back would sign
+        a second root for a size already published (a fork)."""
+        signed = max(self._signed[0], self._range.size)
+        if size < signed:
+            raise LogIntegrityError(
+                f"the database's log went back to size {size}, below the size {signed} this relay already "
+                "signed (a restore of an older backup, or a failover to a lagging replica): bring back the "
+                "newer database, or start a new log (a new log_origin, in a new data folder)")
 
     # -- reading and proving ---------------------------------------------------------------
 

@@ -19,6 +19,7 @@ Route names, codes and types are the only labels: never an id, a path or an addr
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -81,6 +82,16 @@ class Metrics:
         self._uploads = uploads_in_flight
         self._connections: _Connections | None = None
         self._log = _LogFacts()
+        # One refresh at a time: two overlapping scrapes (an HA Prometheus pair) would
+        # otherwise both observe the same new batches.
+        self._refreshing = asyncio.Lock()
+        self.readiness_probes = Counter("pli_relay_readiness_probes", "Readiness probes run (a database write "
+                                        "and a blob store write); GET /readyz runs at most one a second",
+                                        registry=r)
+        #: the last readiness probe: (its time.monotonic(), its checks) (``relay.ops.readyz``)
+        self.ready_checks: tuple[float, dict[str, str]] | None = None
+        #: held while a readiness probe runs, so concurrent ``/readyz`` wait for its answer
+        self.ready_lock = asyncio.Lock()
         #: the log failed an integrity check (its message); ``/readyz`` answers 503 for good
         self.log_alarm: str | None = None
         #: the relay is stopping (SIGTERM): ``/readyz`` answers 503 while requests in flight finish
@@ -115,6 +126,11 @@ class Metrics:
         ``read_all`` is ``Storage.read_all``: new checkpoints give the batch sizes, new
         leaves their types; both only move forward, so each scrape reads only what is new.
         """
+        async with self._refreshing:
+            await self._refresh_log(read_all, size)
+
+    async def _refresh_log(self, read_all: Callable[[str, tuple[Any, ...]], Awaitable[list[Any]]],
+                           size: int) -> None:
         facts = self._log
         if facts.checkpoint_seen is None:
             facts.checkpoint_seen = size

@@ -5,7 +5,9 @@ client's address behind a reverse proxy, and the relay's effective configuration
   restarts the relay, which must not happen because its database is slow).
 - ``GET /readyz``: 200 when the database answers and takes a write, the blob store takes
   a write, the log has not failed an integrity check and the relay is not stopping; else
-  ``503`` problem+json naming what failed (a load balancer stops sending it requests).
+  ``503`` problem+json naming the failed checks (their kinds go to the log only). The
+  database and blob writes run at most once a second, one probe at a time: concurrent
+  and repeated calls get the last probe's result (the route is public).
 - ``GET /metrics``: Prometheus text (``relay.metrics``); the setting ``metrics`` says who
   may read it: ``local`` (default) loopback clients only, ``on`` everyone, ``off`` nobody.
 - :func:`forwarded_middleware`: behind a reverse proxy listed in ``trusted_proxies``, the
@@ -20,9 +22,11 @@ import ast
 import asyncio
 import inspect
 import ipaddress
+import re
+import time
 from dataclasses import fields
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -34,6 +38,7 @@ from relay.errors import RelayError, forbidden, not_found
 from relay.metrics import CONTENT_TYPE, METRICS
 
 __all__ = [
+    "READY_CACHE",
     "READY_TIMEOUT",
     "add_ops_routes",
     "client_from_forwarded",
@@ -48,6 +53,8 @@ log = structlog.get_logger("pli.relay")
 
 #: seconds /readyz waits for the database and the disk before answering 503
 READY_TIMEOUT = 3.0
+#: seconds a readiness probe's result answers ``/readyz`` before the next probe
+READY_CACHE = 1.0
 
 
 def add_ops_routes(app: web.Application) -> None:
@@ -63,33 +70,50 @@ async def livez(_request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     app = request.app
     state = app[METRICS]
-    checks: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(READY_TIMEOUT):
-            # A write, not a read: a database that answers but refuses writes (disk full,
-            # read-only replica) cannot take an envelope.
-            await app[STORAGE].set_meta("readyz", str(app[CLOCK]()))
-        checks["database"] = "ok"
-    except Exception as e:
-        checks["database"] = _kind(e)
-    try:
-        async with asyncio.timeout(READY_TIMEOUT):
-            await app[BLOBS].probe()
-        checks["blobs"] = "ok"
-    except Exception as e:
-        checks["blobs"] = _kind(e)
-    checks["log"] = "integrity alarm" if state.log_alarm else "ok"
-    checks["stopping"] = "yes" if state.stopping else "no"
-    failed = [f"{name}: {value}" for name, value in checks.items() if value not in {"ok", "no"}]
+    checks = {**await _probe(app), "log": "integrity alarm" if state.log_alarm else "ok",
+              "stopping": "yes" if state.stopping else "no"}
+    failed = [name for name, value in checks.items() if value not in {"ok", "no"}]
     if not failed:
         return web.json_response({"status": "ready", "checks": checks})
-    log.warning("not_ready", checks=checks)
-    detail = "not ready: " + "; ".join(failed)
+    # The world (a load balancer) gets the names of the failed checks; their kinds are
+    # in this node's log, for its operator.
+    detail = "not ready: " + ", ".join(failed)
     if state.log_alarm:
         raise RelayError("log_integrity", 503, detail)
     if state.stopping:
         raise RelayError("unavailable", 503, detail, retry_after=5)
     raise RelayError("storage_unavailable", 503, detail, retry_after=5)
+
+
+async def _probe(app: web.Application) -> dict[str, str]:
+    """The database and blob store checks: at most one probe a second, one at a time
+    (``/readyz`` is public: its hits must not drive writes and fsyncs), the others
+    answered from the last one."""
+    state = app[METRICS]
+    async with state.ready_lock:
+        now = time.monotonic()
+        if state.ready_checks is not None and now - state.ready_checks[0] < READY_CACHE:
+            return state.ready_checks[1]
+        state.readiness_probes.inc()
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                # A write, not a read: a database that answers but refuses writes (disk full,
+                # read-only replica) cannot take an envelope.
+                await app[STORAGE].set_meta("readyz", str(app[CLOCK]()))
+            checks["database"] = "ok"
+        except Exception as e:  # any failure is "not ready", named by its kind
+            checks["database"] = _kind(e)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await app[BLOBS].probe()
+            checks["blobs"] = "ok"
+        except Exception as e:  # as above
+            checks["blobs"] = _kind(e)
+        if any(v != "ok" for v in checks.values()):
+            log.warning("not_ready", checks=checks)
+        state.ready_checks = (time.monotonic(), checks)
+        return checks
 
 
 def _kind(e: BaseException) -> str:
@@ -169,22 +193,34 @@ def forwarded_middleware(trusted: Networks) -> Any:
 _SECRET_NAMES = ("password", "secret", "token", "passphrase")
 
 
+#: libpq connection parameters that hold a secret or say where one is (in a URI's query or
+#: a ``key=value`` string)
+_SECRET_PARAM = re.compile(r"(?i)(?<![\w-])((?:ssl)?password|passfile)(\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s#]*)")
+
+
 def mask(name: str, value: object) -> str:
-    """A setting's value as it may be shown: a URL's password (a database DSN's) and any
-    setting named like a secret are replaced by ``***``."""
+    """A setting's value as it may be shown: any setting named like a secret is ``***``;
+    in a URL or DSN, the password of its user part and the values of its ``password``,
+    ``sslpassword`` and ``passfile`` parameters are ``***``, and a URL that does not parse
+    shows only its scheme."""
     text = str(value)
     if any(s in name.lower() for s in _SECRET_NAMES):
         return "***" if text else ""
-    if "://" in text:
-        parts = urlsplit(text)
-        if parts.password is not None:
-            host = parts.hostname or ""
-            if ":" in host:
-                host = f"[{host}]"
-            user = f"{parts.username}:***@" if parts.username else ":***@"
-            port = f":{parts.port}" if parts.port is not None else ""
-            return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
-    return text
+    text = _SECRET_PARAM.sub(r"\1\2***", text)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    # The user part ends at the LAST "@": a password may hold "/", "#", "?" or "@" unencoded,
+    # where a URL parser would cut it and show its end as the host or the path.
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{hostpart}"
+    masked = f"{scheme}://{rest}"
+    try:
+        _ = urlsplit(masked).port  # raises on what no client would parse the same way
+    except ValueError:
+        return f"{scheme}://***"
+    return masked
 
 
 def effective_config(cfg: RelayConfig, sources: dict[str, str]) -> dict[str, dict[str, str]]:

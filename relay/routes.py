@@ -36,10 +36,12 @@ from relay.app import (
     UPLOAD_LOCKS,
     UploadSlot,
 )
+from relay.config import MAX_INBOX_WAIT
 from relay.errors import RelayError, not_found
 from relay.limits import BodyReader, client_address
 from relay.log import Skip, device_subject, receipt_json
 from relay.logroutes import add_log_routes
+from relay.metrics import METRICS
 from relay.openapi import add_openapi_route
 from relay.storage import Device, EnvelopeRow, Practitioner, Tx
 
@@ -233,9 +235,6 @@ def _status_json(row: EnvelopeRow) -> dict[str, Any]:
     }
 
 
-MAX_INBOX_WAIT = 60
-
-
 def _wait(request: web.Request) -> int:
     raw = request.query.get("wait", "0")
     if not (raw.isascii() and raw.isdigit()) or (len(raw) > 1 and raw[0] == "0") or int(raw) > MAX_INBOX_WAIT:
@@ -246,8 +245,12 @@ def _wait(request: web.Request) -> int:
 async def inbox(request: web.Request) -> web.Response:
     device: Device = request[DEVICE]
     await _small_body(request, 0)
-    wait = min(_wait(request), request.app[CONFIG].max_inbox_wait)
-    storage, clock = request.app[STORAGE], request.app[CLOCK]
+    cfg, storage, clock = request.app[CONFIG], request.app[STORAGE], request.app[CLOCK]
+    wait = min(_wait(request), cfg.max_inbox_wait)
+    if request.app[METRICS].stopping or storage.waiting(device.device_id) >= cfg.max_inbox_waits_per_device:
+        # Stopping, or this device holds its share of long polls already (SPEC.md §7.5):
+        # the inbox as it is, at once.
+        wait = 0
     # Listening before the first read: mail committed in between still wakes this request.
     async with storage.mail_waiter(device.device_id) as mail:
         rows = await storage.inbox(device.device_id, now=clock())
@@ -612,14 +615,17 @@ async def _patch_envelope(request: web.Request) -> web.Response:
 
 
 class _UploadLock:
-    """Serialises the requests on one envelope id. The slot is dropped only when no request
-    holds or awaits it: dropping it while one still waits would let a newcomer create a
-    second lock and write the same part file concurrently."""
+    """Serialises the requests on one envelope id: in this process (an asyncio lock), then
+    on every node (the storage's envelope lock, on PostgreSQL). The slot is dropped only
+    when no request holds or awaits it: dropping it while one still waits would let a
+    newcomer create a second lock and write the same part file concurrently."""
 
     def __init__(self, app: web.Application, envelope_id: bytes) -> None:
         self._locks = app[UPLOAD_LOCKS]
+        self._storage = app[STORAGE]
         self._id = envelope_id
         self._slot = self._locks.setdefault(envelope_id, UploadSlot())
+        self._held = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> None:
         self._slot.users += 1
@@ -628,10 +634,19 @@ class _UploadLock:
         except BaseException:
             self._leave()
             raise
+        try:
+            await self._held.enter_async_context(self._storage.envelope_lock(self._id))
+        except BaseException:
+            self._slot.lock.release()
+            self._leave()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        self._slot.lock.release()
-        self._leave()
+        try:
+            await self._held.aclose()
+        finally:
+            self._slot.lock.release()
+            self._leave()
 
     def _leave(self) -> None:
         self._slot.users -= 1
@@ -670,9 +685,11 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
     prefix = signed.prefix
     part_exists = await blobs.has_part(header.id)
     if row is not None and not part_exists and held:
-        # The partial blob was lost (a crash before its fsync): start again from 0.
-        await storage.set_received(header.id, 0, complete=False, now=now)
-        raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
+        # The partial blob was lost (a crash before its fsync): start again from 0 (unless
+        # the row moved meanwhile: then it is not this request's to reset).
+        if await storage.set_received(header.id, 0, held=held, complete=False, now=now):
+            raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
+        raise _raced()
     upload = await blobs.open_upload(header.id, prefix, new=row is None or not part_exists)
     # The ciphertext is hashed as it streams, across the requests of an upload (kept in
     # memory between them); after a restart or an error the part is re-read at the end.
@@ -717,6 +734,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
     except BaseException as e:
         await upload.close()
         if row is None:
+            # Nothing committed yet, and the envelope lock held: the part is this request's.
             await blobs.delete(header.id)
         elif isinstance(e, RelayError) and e.code == "digest_mismatch" and body_ok and pos == header.size:
             # The whole ciphertext is wrong somewhere: nothing can be resumed, discard it.
@@ -730,13 +748,15 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
 
     async def record(tx: Tx | None = None) -> None:
         if row is None:
-            await storage.create_envelope(
+            done = await storage.create_envelope(
                 envelope_id=header.id, sender=header.sender, prefix=prefix,
                 envelope_hash=signed.envelope_hash, size=header.size, created=header.created,
                 expires=header.expires, to=header.to, received=pos, now=now, tx=tx,
             )
         else:
-            await storage.set_received(header.id, pos, complete=complete, now=now, tx=tx)
+            done = await storage.set_received(header.id, pos, held=held, complete=complete, now=now, tx=tx)
+        if not done:
+            raise _Raced  # the row is not as this request saw it: another request's work
         if complete and tx is not None:
             await storage.notify_mail(tx, header.to)  # wakes waiting inboxes, on every node
 
@@ -751,13 +771,15 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
 
         try:
             appended = await app[LOG].append(entry, record, envelope_id=header.id)
+        except _Raced:
+            return await _after_race(request, header.id, prefix)
         except Exception:
             # Not logged, so not stored: no blob under its final name. An upload begun in
             # earlier requests keeps its bytes as a part (its row still says uploading) and
             # resumes; a single-request one leaves nothing. (Not on cancellation: a caller
             # gone mid-batch still has its leaf logged, and its blob must stay.)
             if row is None:
-                await blobs.delete(header.id)
+                await _forget_new(app, header.id)
             else:
                 await blobs.uncommit(header.id)
             raise
@@ -767,17 +789,48 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
     else:
         try:
             await record()
+        except _Raced:
+            return await _after_race(request, header.id, prefix)
         except Exception:
             # The row did not move: neither do the bytes (a new upload leaves nothing). (Not
             # on cancellation: the transaction may have committed all the same.)
             if row is None:
-                await blobs.delete(header.id)
+                await _forget_new(app, header.id)
             else:
                 await blobs.truncate(header.id, len(prefix) + held)
             raise
     new_row = await storage.envelope(header.id)
     assert new_row is not None
     return web.json_response({**_status_json(new_row), "receipt": receipt}, status=201 if complete else 200)
+
+
+class _Raced(Exception):
+    """The envelope's row changed under this request (another request, on another node,
+    created or moved it): this request's bytes and row writes are not to be undone."""
+
+
+def _raced() -> RelayError:
+    return RelayError("envelope_conflict", 409, "another request changed this upload meanwhile; "
+                      "ask its status (HEAD) and resume", retry_after=1)
+
+
+async def _forget_new(app: web.Application, envelope_id: bytes) -> None:
+    """Remove what a request that found no row wrote, unless a row exists now: then the
+    blob (maybe already receipted) belongs to the request that created it."""
+    if await app[STORAGE].envelope(envelope_id) is None:
+        await app[BLOBS].delete(envelope_id)
+
+
+async def _after_race(request: web.Request, envelope_id: bytes, prefix: bytes) -> web.Response:
+    """Another request created or completed the envelope first: answer as a retry of it
+    would be answered (with its receipt), never undoing its work."""
+    row = await request.app[STORAGE].envelope(envelope_id)
+    if row is None or row.prefix != prefix or row.state == "uploading":
+        raise _raced()
+    if row.state != "stored":
+        raise not_found("no such envelope")
+    receipt = await _existing_receipt(request.app, envelope_id, EntryType.SUBMITTED)
+    return web.json_response({**_status_json(row), "receipt": receipt}, status=200)
 
 
 def _check_digest(request: web.Request, body: _Body) -> None:

@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import configparser
+import io
 import json
 import os
 import re
+import shutil
 import sqlite3
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 from _pg import PgServer
 from conftest import DERM, GP, Relay, RelayFactory, assert_problem, make_envelope, send_raw
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,10 +32,10 @@ from protocol import codec, merkle
 from protocol.keys import DeviceKeys
 from protocol.note import Checkpoint, Verifier, open_checkpoint
 from relay.app import LOG, create_app
-from relay.backup import split_password
+from relay.backup import BackupError, backup_sqlite, check_members, check_restored, restore_sqlite, split_password
 from relay.config import ConfigError, RelayConfig, load_config_sources
 from relay.metrics import METRICS
-from relay.ops import client_from_forwarded, config_reference, effective_config, mask
+from relay.ops import READY_CACHE, client_from_forwarded, config_reference, effective_config, mask
 from tools.case_samples import request_body
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -98,6 +102,15 @@ async def test_metrics_count_traffic_log_and_refusals_per_relay(relay_factory: R
         assert secret not in text
 
 
+async def test_concurrent_scrapes_count_each_batch_once(relay: Relay) -> None:
+    # An HA Prometheus pair scrapes every target twice, at nearly the same time.
+    await relay.enroll(GP)
+    await relay.enroll(DERM)  # two batches, one entry each
+    for m in await asyncio.gather(scrape(relay), scrape(relay), scrape(relay)):
+        assert m[("pli_relay_log_batch_size_count", ())] == 2
+        assert m[("pli_relay_log_entries_total", (("type", "device_enrolled"),))] == 2
+
+
 async def test_metrics_access_follows_the_setting_and_the_forwarded_client(relay_factory: RelayFactory) -> None:
     local = await relay_factory("local", trusted_proxies="127.0.0.0/8")
     assert (await send_raw(local.session, "GET", local.u("/metrics"))).status == 200
@@ -124,16 +137,31 @@ async def test_livez_and_readyz(relay: Relay) -> None:
     blobs = relay.data / "blobs"
     blobs.rename(relay.data / "blobs.away")
     blobs.write_bytes(b"")
-    doc = assert_problem(await send_raw(relay.session, "GET", relay.u("/readyz")), 503, "storage_unavailable")
-    assert "blobs: OSError" in doc["detail"]
+    await asyncio.sleep(READY_CACHE)  # the last probe's answer stands for READY_CACHE seconds
+    with capture_logs() as logs:
+        doc = assert_problem(await send_raw(relay.session, "GET", relay.u("/readyz")), 503, "storage_unavailable")
+    assert doc["detail"] == "not ready: blobs"  # the check's name: its kind is for the operator's log only
+    assert next(e for e in logs if e["event"] == "not_ready")["checks"]["blobs"].startswith("OSError")
     assert (await send_raw(relay.session, "GET", relay.u("/livez"))).status == 200  # alive all the same
     blobs.unlink()
     (relay.data / "blobs.away").rename(blobs)
+    await asyncio.sleep(READY_CACHE)
     assert (await send_raw(relay.session, "GET", relay.u("/readyz"))).status == 200
     # Stopping: not ready while requests in flight finish.
     await relay.app.shutdown()
     doc = assert_problem(await send_raw(relay.session, "GET", relay.u("/readyz")), 503, "unavailable")
-    assert "stopping: yes" in doc["detail"]
+    assert doc["detail"] == "not ready: stopping"  # at once: stopping is not cached
+
+
+async def test_concurrent_readyz_run_one_probe(relay: Relay) -> None:
+    # /readyz is public: a crowd of hits must not drive a database write and an fsync each.
+    replies = await asyncio.gather(*(send_raw(relay.session, "GET", relay.u("/readyz")) for _ in range(20)))
+    assert [r.status for r in replies] == [200] * 20
+    m = await scrape(relay)
+    assert m[("pli_relay_readiness_probes_total", ())] == 1
+    await asyncio.sleep(READY_CACHE)  # then the next call probes again
+    assert (await send_raw(relay.session, "GET", relay.u("/readyz"))).status == 200
+    assert (await scrape(relay))[("pli_relay_readiness_probes_total", ())] == 2
 
 
 async def test_readyz_reports_a_log_integrity_alarm(relay: Relay) -> None:
@@ -149,7 +177,7 @@ async def test_readyz_reports_a_log_integrity_alarm(relay: Relay) -> None:
     eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
     assert_problem(await relay.put(gp.keys, eid, prefix + ct), 503, "log_integrity")
     doc = assert_problem(await send_raw(relay.session, "GET", relay.u("/readyz")), 503, "log_integrity")
-    assert "log: integrity alarm" in doc["detail"]
+    assert doc["detail"] == "not ready: log"
     text = (await send_raw(relay.session, "GET", relay.u("/metrics"))).body.decode()
     assert samples(text)[("pli_relay_log_integrity_ok", ())] == 0
 
@@ -212,6 +240,25 @@ def test_sources_and_masking(tmp_path: Path) -> None:
     assert "s3cret" not in json.dumps(shown)
     assert mask("database", "postgresql://pli@db/pli") == "postgresql://pli@db/pli"
     assert mask("smtp_password", "hunter2") == "***"
+
+
+@pytest.mark.parametrize(("dsn", "shown"), [
+    ("postgresql://pli@db/pli?password=s3cret", "postgresql://pli@db/pli?password=***"),
+    ("postgresql://pli@db/pli?sslmode=require&sslpassword=s3cret&PassFile=/etc/pli/s3cret",
+     "postgresql://pli@db/pli?sslmode=require&sslpassword=***&PassFile=***"),
+    ("postgresql://pli:s3cr/et@db/pli", "postgresql://pli:***@db/pli"),  # a URL parser cuts at "/"
+    ("postgresql://pli:s3#cret@db/pli", "postgresql://pli:***@db/pli"),
+    ("postgresql://pli:s3?cret@db:5432/pli", "postgresql://pli:***@db:5432/pli"),
+    ("postgresql://pli:s3@cret@db/pli", "postgresql://pli:***@db/pli"),
+    ("postgres://:s3cret@[::1]:5432/pli", "postgres://:***@[::1]:5432/pli"),
+    ("postgresql://pli@[::1/pli?x=s3cret", "postgresql://***"),  # unparseable: nothing but the scheme
+    ("postgresql://pli@db:s3cret/pli", "postgresql://***"),
+    ("host=db user=pli password='s3 cret' dbname=pli", "host=db user=pli password=*** dbname=pli"),
+    ("sqlite", "sqlite"),
+])
+def test_a_dsn_is_shown_without_its_secrets(dsn: str, shown: str) -> None:
+    assert mask("database", dsn) == shown
+    assert "s3" not in mask("database", dsn)
 
 
 async def test_serve_logs_its_effective_configuration(tmp_path: Path) -> None:
@@ -283,6 +330,94 @@ def test_systemd_unit_stops_gracefully_and_is_confined() -> None:
                        ("ReadWritePaths", "/var/lib/pli")):
         assert service[key] == value, key
 
+
+
+def _installed_units(tmp_path: Path) -> list[Path]:
+    """deploy/'s units, their programs pointed at this checkout (systemd-analyze checks that they exist)."""
+    units = []
+    for name in ("pli-relay.service", "pli-relay-backup.service", "pli-relay-backup.timer"):
+        text = (ROOT / "deploy" / name).read_text(encoding="utf-8")
+        text = text.replace("/opt/pli/venv/bin/pli-relay", str(Path(sys.executable).with_name("pli-relay")))
+        text = text.replace("/opt/pli/src/deploy/", f"{ROOT}/deploy/")
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        units.append(tmp_path / name)
+    return units
+
+
+def test_systemd_units_verify_and_the_backup_runs_confined_as_pli(tmp_path: Path) -> None:
+    backup = configparser.ConfigParser(strict=False, interpolation=None)
+    backup.optionxform = str  # type: ignore[assignment,method-assign]
+    backup.read(ROOT / "deploy" / "pli-relay-backup.service", encoding="utf-8")
+    service = backup["Service"]
+    assert (service["Type"], service["User"], service["UMask"]) == ("oneshot", "pli", "0077")
+    assert service["ExecStartPost"].startswith("+")  # the metric as root, after a success only
+    assert "/srv/backup" in service["ReadWritePaths"].split()
+    timer = configparser.ConfigParser(strict=False, interpolation=None)
+    timer.read(ROOT / "deploy" / "pli-relay-backup.timer", encoding="utf-8")
+    assert timer["Timer"]["Persistent"] == "true"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    run = subprocess.run([analyze, "verify", *map(str, _installed_units(tmp_path))],
+                         capture_output=True, text=True, check=False, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "pli-relay" not in run.stderr, run.stderr  # no warning about our units either
+
+
+async def _tool(*args: str, env: dict[str, str] | None = None) -> bytes:
+    proc = await asyncio.create_subprocess_exec(*args, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+    assert proc.returncode == 0, out.decode() + err.decode()
+    return out
+
+
+async def test_nightly_backup_is_encrypted_and_its_age_reported(tmp_path: Path, relay: Relay) -> None:
+    if shutil.which("age") is None or shutil.which("age-keygen") is None:
+        pytest.skip("age is not installed (Debian package age)")
+    await relay.enroll(GP)
+    identity, recipients, backups, textfile = (tmp_path / n for n in ("id.txt", "rcpt.txt", "backup", "textfile"))
+    await _tool("age-keygen", "-o", str(identity))
+    recipients.write_bytes(await _tool("age-keygen", "-y", str(identity)))
+    backups.mkdir()
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[relay]\ndata = "{relay.data}"\n', encoding="utf-8")
+    env = {**_env(), "PLI_BACKUP_DIR": str(backups), "PLI_RELAY_CONFIG": str(config),
+           "PLI_BACKUP_RECIPIENTS": str(recipients), "PLI_TEXTFILE_DIR": str(textfile),
+           "PLI_RELAY_BIN": str(Path(sys.executable).with_name("pli-relay"))}
+    script = str(ROOT / "deploy" / "pli-relay-backup")
+    await _tool(script, env=env)
+    await _tool(script, "--metric", env=env)
+    [encrypted] = list(backups.iterdir())  # the plaintext is gone
+    assert re.fullmatch(r"pli-\d{4}-\d\d-\d\dT\d{6}Z\.tar\.age", encrypted.name)
+    assert encrypted.stat().st_mode & 0o777 == 0o600
+    assert b"log.key" not in encrypted.read_bytes()
+    plain = tmp_path / "plain.tar"
+    await _tool("age", "-d", "-i", str(identity), "-o", str(plain), str(encrypted))
+    with tarfile.open(plain) as tar:
+        assert tar.extractfile("log.key").read() == (relay.data / "log.key").read_bytes()  # type: ignore[union-attr]
+    report = samples((textfile / "pli_relay_backup.prom").read_text(encoding="utf-8"))
+    assert abs(report[("pli_relay_backup_last_success_timestamp_seconds", ())] - encrypted.stat().st_mtime) < 2
+    assert report[("pli_relay_backup_size_bytes", ())] == encrypted.stat().st_size
+
+
+async def test_prometheus_files_scrape_the_relay_and_alert_on_real_metrics(relay: Relay) -> None:
+    scrape_config = yaml.safe_load((ROOT / "deploy" / "prometheus-pli-relay.yml").read_text(encoding="utf-8"))
+    rules = yaml.safe_load((ROOT / "deploy" / "pli-relay-alerts.yml").read_text(encoding="utf-8"))
+    assert scrape_config["rule_files"] == ["/etc/prometheus/pli-relay-alerts.yml"]
+    jobs = {job["job_name"]: job for job in scrape_config["scrape_configs"]}
+    assert jobs["pli-relay"]["static_configs"][0]["targets"] == [RelayConfig().listen]
+    assert jobs["pli-relay-readyz"]["static_configs"][0]["targets"] == [f"http://{RelayConfig().listen}/readyz"]
+    r = await send_raw(relay.session, "GET", relay.u("/metrics"))
+    families = {f.name for f in text_string_to_metric_families(r.body.decode())}
+    alerts = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+    assert {"PliRelayNotReady", "PliRelayLogIntegrity", "PliRelayStorageUnavailable", "PliRelayServerErrors",
+            "PliRelayDiskFilling", "PliRelayBackupStale", "PliRelayClockUnsynchronised"} <= set(alerts)
+    for name, expr in alerts.items():
+        for metric in re.findall(r"pli_relay_\w+", expr):
+            if not metric.startswith("pli_relay_backup_"):  # written by deploy/pli-relay-backup
+                assert metric.removesuffix("_total") in families, (name, metric)
+    assert "pli_relay_backup_last_success_timestamp_seconds" in (ROOT / "deploy" / "pli-relay-backup").read_text()
 
 # -- behind a reverse proxy ----------------------------------------------------------------------
 
@@ -439,6 +574,89 @@ async def test_restore_refuses_what_is_not_a_backup(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
     assert not (tmp_path / "escape").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".new")] == []
+
+
+def _stat_modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]}
+
+
+async def test_backup_file_is_private_and_restore_needs_no_extraction_filter(
+    tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    ct = os.urandom(3000)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix + ct)).status == 201
+    backup = tmp_path / "b.tar"
+    old = os.umask(0o022)  # Debian's default: a plain open() would make the file world-readable
+    try:
+        backup_sqlite(relay.data, backup, now=relay.clock())
+    finally:
+        os.umask(old)
+    assert backup.stat().st_mode & 0o777 == 0o600  # it holds the log's private key
+    assert not backup.with_name("b.tar.part").exists()
+
+    # Debian 12's Python 3.11.2 has neither extractall(filter=...) nor tarfile.data_filter:
+    # restore must not lean on tarfile's extraction at all.
+    def refused(*_a: object, **_k: object) -> None:
+        raise AssertionError("restore used tarfile's own extraction")
+
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", refused)
+    monkeypatch.setattr(tarfile.TarFile, "extract", refused)
+    new = tmp_path / "new"
+    manifest = restore_sqlite(backup, new)
+    modes = _stat_modes(new)
+    assert {name for name, mode in modes.items() if (new / name).is_dir() and mode != 0o700} == set()
+    assert {name for name, mode in modes.items() if (new / name).is_file() and mode != 0o600} == set()
+    assert "blobs/incoming" in modes
+    h = eid.hex()
+    assert (new / "blobs" / h[:2] / h).read_bytes() == relay.blob_path(eid).read_bytes()
+    assert (new / "log.key").read_bytes() == (relay.data / "log.key").read_bytes()
+    size, gone = await check_restored(RelayConfig(data=new), manifest)
+    assert (size, gone) == (manifest["log_size"], [])
+
+
+def _hostile(kind: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo("log.key")
+    if kind == "absolute":
+        info.name = "/tmp/log.key"
+    elif kind == "dotdot":
+        info.name = "blobs/../../escape"
+    elif kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/shadow"
+    elif kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, "relay.sqlite3"
+    elif kind == "chardev":
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    elif kind == "fifo":
+        info.type = tarfile.FIFOTYPE
+    return info
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink", "chardev", "fifo", "duplicate"])
+def test_restore_refuses_a_hostile_tar(tmp_path: Path, kind: str) -> None:
+    evil = tmp_path / "evil.tar"
+    manifest = json.dumps({"format": "pli-relay-backup", "version": 1, "engine": "sqlite"}).encode()
+    with tarfile.open(evil, "w") as tar:
+        for name, raw in (("manifest.json", manifest), ("relay.sqlite3", b"db"), ("log.key", b"k" * 32)):
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+        if kind == "duplicate":  # a second log.key, which an extraction would write over the first
+            info = tarfile.TarInfo("log.key")
+            info.size = 32
+            tar.addfile(info, io.BytesIO(b"x" * 32))
+        else:
+            tar.addfile(_hostile(kind))
+    with pytest.raises(BackupError, match="unexpected member"):
+        restore_sqlite(evil, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar"]
+    with tarfile.open(evil) as tar:
+        members = tar.getmembers()
+    with pytest.raises(BackupError, match="unexpected member"):
+        check_members(members, evil)
 
 
 @pytest.mark.parametrize("blob_store", ["fs", "postgresql"])

@@ -9,7 +9,9 @@ verification off). Through it:
 - ``pli demo --relay https://…`` runs a whole case;
 - a 20 MB envelope goes up in one request while the client still holds its last bytes, so
   nginx must be streaming the body to the relay (a buffering proxy would wait for the end
-  and the test would time out), and comes back down byte for byte.
+  and the test would time out), and comes back down byte for byte;
+- TLS refuses suites without forward secrecy, plain HTTP redirects only to our own name
+  and serves certbot's challenges, and /readyz and /metrics answer allowed addresses only.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pytest_asyncio
 from conftest import make_envelope, signed
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from client.api import RelayClient
@@ -61,8 +63,9 @@ def _free_port() -> int:
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key: RSA, so that
+    the suites with a static RSA key exchange could be chosen, and must be refused."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pli relay test")])
     now = dt.datetime.now(dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -74,7 +77,7 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
             [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     key_encipherment=True, data_encipherment=False, key_agreement=False,
                                      crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(ski, critical=False)
@@ -114,7 +117,9 @@ def main_config(prefix: Path, site: Path) -> str:
 @dataclass
 class Proxied:
     url: str  # https, through nginx
+    http_url: str  # nginx's plain HTTP server (redirects, ACME challenges)
     relay_url: str  # the relay itself, plain HTTP on loopback
+    acme: Path  # the ACME webroot
     data: Path
     cert: Path
     prefix: Path
@@ -155,10 +160,13 @@ async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
         cert, key = make_certificate(prefix)
         https, http = _free_port(), _free_port()
         site = prefix / "pli-relay.conf"
+        acme = prefix / "acme"
+        acme.mkdir()
         site.write_text(render_site({
             "SERVER_NAME": "127.0.0.1", "HTTPS_LISTEN": f"127.0.0.1:{https}", "HTTP_LISTEN": f"127.0.0.1:{http}",
             "CERT": str(cert), "KEY": str(key), "RELAY": relay_url.removeprefix("http://"),
             "MAX_BODY": f"{MAX_REQUEST + (1 << 20)}", "ACCESS_LOG": str(prefix / "access.log"),
+            "ACME_ROOT": str(acme),
         }), encoding="utf-8")
         conf = prefix / "nginx.conf"
         conf.write_text(main_config(prefix, site), encoding="utf-8")
@@ -167,7 +175,8 @@ async def proxied(tmp_path: Path) -> AsyncIterator[Proxied]:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         url = f"https://127.0.0.1:{https}"
-        p = Proxied(url=url, relay_url=relay_url, data=data, cert=cert, prefix=prefix)
+        p = Proxied(url=url, http_url=f"http://127.0.0.1:{http}", relay_url=relay_url, acme=acme, data=data,
+                    cert=cert, prefix=prefix)
         await _until_serving(p, nginx)
         yield p
     finally:
@@ -227,12 +236,7 @@ async def test_pli_demo_through_the_tls_proxy(proxied: Proxied) -> None:
     access = (proxied.prefix / "access.log").read_text(encoding="utf-8")
     assert "PUT /v1/envelopes/" in access
     assert "POST /v1/enroll" in access
-    # Metrics stay off the Internet: the proxy refuses them.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=proxied.ssl())) as session:
-        async with session.get(proxied.url + "/metrics") as resp:
-            assert resp.status == 403
-        async with session.get(proxied.url + "/readyz") as resp:
-            assert resp.status == 200
+
 
 
 async def test_a_big_envelope_streams_through_the_proxy_both_ways(proxied: Proxied) -> None:
@@ -270,3 +274,69 @@ async def test_a_big_envelope_streams_through_the_proxy_both_ways(proxied: Proxi
         down = await signed(session, keys, "GET", url)
         assert down.status == 200
         assert down.body == body
+
+
+async def test_readiness_and_metrics_answer_allowed_addresses_only(proxied: Proxied) -> None:
+    # This machine (127.0.0.1, allowed) gets them through the proxy; any other address
+    # (here 127.0.0.2, a different source address on the loopback) is refused by nginx,
+    # while /livez stays public.
+    for source, expected in (("127.0.0.1", 200), ("127.0.0.2", 403)):
+        connector = aiohttp.TCPConnector(ssl=proxied.ssl(), local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for path in ("/readyz", "/metrics"):
+                async with session.get(proxied.url + path) as resp:
+                    assert resp.status == expected, (source, path)
+            async with session.get(proxied.url + "/livez") as resp:
+                assert resp.status == 200
+
+
+async def _handshake(proxied: Proxied, ciphers: str, version: ssl.TLSVersion) -> str:
+    """The suite nginx agrees on for a client offering only ``ciphers`` in ``version``."""
+    ctx = proxied.ssl()
+    ctx.minimum_version = ctx.maximum_version = version
+    if version == ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers(ciphers + ":@SECLEVEL=0")  # let the client offer what the server must refuse
+    host, port = proxied.url.removeprefix("https://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    try:
+        suite = writer.get_extra_info("cipher")
+        return str(suite[0])
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("suite", ["AES256-SHA", "AES128-GCM-SHA256", "ECDHE-RSA-AES128-SHA",
+                                   "ECDHE-RSA-AES256-SHA384"])
+async def test_tls_refuses_suites_without_forward_secrecy_or_aead(proxied: Proxied, suite: str) -> None:
+    # Static RSA key exchange (no forward secrecy) and CBC with SHA-1/SHA-384 MACs: nginx's
+    # default (HIGH:!aNULL:!MD5) accepts them; Mozilla's intermediate profile does not.
+    with pytest.raises(ssl.SSLError):
+        await _handshake(proxied, suite, ssl.TLSVersion.TLSv1_2)
+    assert await _handshake(proxied, "ECDHE-RSA-AES128-GCM-SHA256", ssl.TLSVersion.TLSv1_2) \
+        == "ECDHE-RSA-AES128-GCM-SHA256"
+    assert (await _handshake(proxied, "", ssl.TLSVersion.TLSv1_3)).startswith("TLS_")
+
+
+async def test_plain_http_redirects_to_our_name_and_serves_acme_challenges(proxied: Proxied) -> None:
+    token = "x4Bq-Zr7_token"
+    (proxied.acme / ".well-known" / "acme-challenge").mkdir(parents=True)
+    (proxied.acme / ".well-known" / "acme-challenge" / token).write_text("token.thumbprint", encoding="ascii")
+    async with aiohttp.ClientSession() as session:
+        # A foreign Host header is not reflected: the redirect goes to our server_name.
+        async with session.get(proxied.http_url + "/v1/inbox?wait=1", allow_redirects=False,
+                               headers={"Host": "evil.example"}) as resp:
+            assert resp.status == 308
+            assert resp.headers["Location"] == "https://127.0.0.1/v1/inbox?wait=1"
+            assert resp.headers["Server"] == "nginx"  # server_tokens off: no version
+        # certbot's renewal (HTTP-01) reads its token over plain HTTP, unredirected.
+        async with session.get(f"{proxied.http_url}/.well-known/acme-challenge/{token}",
+                               allow_redirects=False) as resp:
+            assert resp.status == 200
+            assert await resp.text() == "token.thumbprint"
+        async with session.get(f"{proxied.http_url}/.well-known/acme-challenge/missing",
+                               allow_redirects=False) as resp:
+            assert resp.status == 404
+    async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=proxied.ssl())) as session,
+                session.get(proxied.url + "/livez") as resp):
+        assert resp.headers["Strict-Transport-Security"].startswith("max-age=")
+        assert resp.headers["Server"] == "nginx"

@@ -70,6 +70,7 @@ async def invite(data: Path, rpps: str, *extra: str) -> dict[str, object]:
 
 async def test_invite_prints_a_code_that_enrolls(tmp_path: Path, relay_factory: RelayFactory) -> None:
     data = tmp_path / "relay"
+    assert (await cli("migrate", "--data", data)).code == 0  # a new relay's database, before it first serves
     name, profession, _ = PRACTITIONERS[GP]
     run = await cli("invite", "--data", data, "--rpps", GP, "--name", name, "--profession", profession)
     assert run.code == 0, run.err
@@ -98,6 +99,7 @@ async def test_invite_prints_a_code_that_enrolls(tmp_path: Path, relay_factory: 
 
 
 async def test_invite_accepts_the_national_id_form(tmp_path: Path) -> None:
+    assert (await cli("migrate", "--data", tmp_path / "relay")).code == 0
     doc = await invite(tmp_path / "relay", "8" + CARDIO)
     assert doc["rpps"] == CARDIO
 
@@ -131,11 +133,25 @@ async def test_bad_config_fails_cleanly(tmp_path: Path) -> None:
     assert_clean_failure(run, "max_requets")
 
 
+async def test_admin_commands_in_a_wrong_data_folder_create_no_relay(tmp_path: Path) -> None:
+    # A typo in --data: no new, empty relay (database, log key) left there to report on,
+    # no invitation stored where the running relay never reads it (review M9).
+    typo = tmp_path / "typo-folder"
+    name, profession, _ = PRACTITIONERS[GP]
+    for args in (("invite", "--rpps", GP, "--name", name, "--profession", profession), ("devices",),
+                 ("revoke", "00" * 16), ("stats",)):
+        run = await cli(args[0], "--data", typo, *args[1:])
+        assert_clean_failure(run, f"no relay database in {typo}; wrong --data or --config?")
+        assert not (typo / "relay.sqlite3").exists()
+        assert not (typo / "log.key").exists()
+
+
 # -- devices and revoke ----------------------------------------------------------------------
 
 
 async def test_devices_and_revoke(tmp_path: Path, relay_factory: RelayFactory) -> None:
     data = tmp_path / "relay"
+    assert (await cli("migrate", "--data", data)).code == 0
     run = await cli("devices", "--data", data)
     assert run.code == 0, run.err
     assert "No device enrolled" in run.out

@@ -156,7 +156,7 @@ async def test_envelope_lifecycle_inbox_acknowledge_purge(storage: Storage) -> N
     assert row is not None
     assert (row.state, row.received, row.size, row.received_at) == ("uploading", 100, 300, None)
     assert await storage.inbox(r1, now=NOW) == []  # not complete yet
-    await storage.set_received(eid, 300, complete=True, now=NOW + 1)
+    await storage.set_received(eid, 300, held=100, complete=True, now=NOW + 1)
     row = await storage.envelope(eid)
     assert row is not None
     assert (row.state, row.received, row.received_at) == ("stored", 300, NOW + 1)
@@ -446,7 +446,7 @@ def _blob_settings(request: pytest.FixtureRequest, blob_store: str) -> dict[str,
 @pytest_asyncio.fixture(params=BLOB_STORES)
 async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Storage, BlobStore]]:
     cfg = RelayConfig(data=tmp_path, **_blob_settings(request, request.param))
-    storage = await open_storage(cfg)
+    storage = await open_storage(cfg, create=True)
     yield storage, open_blobs(cfg, storage)
     await storage.close()
 
@@ -605,3 +605,267 @@ async def test_inbox_long_poll_on_one_node(relay: Relay) -> None:
     r = await asyncio.wait_for(waiting, 10)
     assert time.monotonic() - started < 1
     assert [e["id"] for e in r.json()["envelopes"]] == [eid.hex()]
+
+
+# -- several nodes on one envelope, one log, one listener (review of issue 7) -------------------------
+
+
+async def _two_nodes(relay_factory: RelayFactory, pg_dsn: str, tmp_path: Path, blob_store: str,
+                     **settings: Any) -> tuple[Relay, Relay]:
+    """Two relays (two create_app) on one PostgreSQL database: with ``fs``, one shared data
+    folder; with ``postgresql``, a folder each, the second holding a copy of the log key."""
+    if blob_store == "fs":
+        a = await relay_factory("shared", database=pg_dsn, **settings)
+        return a, await relay_factory("shared", database=pg_dsn, **settings)
+    a = await relay_factory("a", database=pg_dsn, blob_store=blob_store, **settings)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.key").write_bytes((a.data / "log.key").read_bytes())
+    return a, await relay_factory("b", database=pg_dsn, blob_store=blob_store, **settings)
+
+
+@pytest.mark.parametrize("blob_store", BLOB_STORES)
+async def test_same_put_and_patch_on_two_nodes_at_once_never_lose_a_receipted_envelope(
+    relay_factory: RelayFactory, pg_dsn: str, tmp_path: Path, blob_store: str
+) -> None:
+    # A client retrying after a lost answer reaches the other node while the first is
+    # still at work: nodes serialise on the envelope, and neither undoes the other's work.
+    a, b = await _two_nodes(relay_factory, pg_dsn, tmp_path, blob_store, max_request=300_000)
+    gp, derm = await a.enroll(GP), await a.enroll(DERM)
+    sent: dict[bytes, bytes] = {}
+    statuses = []
+    for i in range(12):
+        ct = os.urandom(200_000)
+        eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=a.clock())
+        sent[eid] = prefix + ct
+        if i % 2:  # PATCH: the same last piece to both nodes
+            assert (await a.put(gp.keys, eid, prefix + ct[:120_000])).status == 200
+            replies = await asyncio.gather(a.patch(gp.keys, eid, 120_000, ct[120_000:]),
+                                           b.patch(gp.keys, eid, 120_000, ct[120_000:]))
+        else:
+            replies = await asyncio.gather(a.put(gp.keys, eid, prefix + ct), b.put(gp.keys, eid, prefix + ct))
+        statuses.append(sorted(r.status for r in replies))
+        assert all(r.status in (200, 201) for r in replies), [(r.status, r.body[:200]) for r in replies]
+        assert all(r.json()["receipt"] is not None for r in replies)
+    assert all(s == [200, 201] for s in statuses), statuses
+    for eid, whole in sent.items():
+        for node in (a, b):
+            got = await node.get(derm.keys, f"/v1/envelopes/{eid.hex()}")
+            assert (got.status, got.body == whole) == (200, True)
+        assert a.query("SELECT state, received FROM envelopes WHERE id = ?", (eid,)) == [("stored", 200_000)]
+
+
+async def test_a_conditional_reset_leaves_an_upload_another_request_moved(storage: Storage) -> None:
+    # What a request on another node saw (an upload at 100 bytes) is stale once the row
+    # moved: its reset or its completion changes nothing.
+    gp, derm = await _enrolled(storage), await _enrolled(storage, DERM)
+    eid = await _envelope(storage, gp.device_id, [derm.device_id], size=300, received=100)
+    assert await storage.set_received(eid, 300, held=100, complete=True, now=NOW)
+    assert not await storage.set_received(eid, 0, held=100, complete=False, now=NOW)
+    assert not await storage.set_received(eid, 300, held=100, complete=True, now=NOW)
+    row = await storage.envelope(eid)
+    assert row is not None
+    assert (row.state, row.received) == ("stored", 300)
+    assert not await storage.create_envelope(
+        envelope_id=eid, sender=gp.device_id, prefix=b"p", envelope_hash=bytes(32), size=1, created=NOW,
+        expires=NOW + 60, to=[derm.device_id], received=0, now=NOW)
+
+
+def _rollback_to(relay: Relay, size: int) -> None:
+    """The database goes back to tree size ``size`` under the running relay (a failover to
+    a lagging replica, a restore under it): leaves, nodes and checkpoints past it gone."""
+    for sql in ("DELETE FROM log_leaves WHERE idx >= ?", "DELETE FROM log_checkpoints WHERE size > ?",
+                "DELETE FROM log_nodes WHERE (idx + 1) * (1 << level) > ?"):
+        if relay.cfg.database == "sqlite":
+            import sqlite3  # noqa: PLC0415
+
+            db = sqlite3.connect(relay.data / "relay.sqlite3")
+            db.execute(sql, (size,))
+            db.commit()
+            db.close()
+        else:
+            from _pg import query  # noqa: PLC0415
+
+            query(relay.cfg.database, sql, (size,))
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+async def test_log_rollback_under_a_running_node_stops_appends(
+    relay_factory: RelayFactory, request: pytest.FixtureRequest, engine: str
+) -> None:
+    settings = {} if engine == "sqlite" else {"database": request.getfixturevalue("pg_dsn")}
+    relay = await relay_factory(**settings)
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    size = relay.query("SELECT MAX(size) FROM log_checkpoints")[0][0]
+    ct = os.urandom(500)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix + ct)).status == 201
+    _rollback_to(relay, size)
+    ct = os.urandom(500)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert_problem(await relay.put(gp.keys, eid, prefix + ct), 503, "log_integrity")
+    # Nothing was signed for the size it had signed already.
+    assert relay.query("SELECT COUNT(*) FROM log_checkpoints WHERE size > ?", (size,)) == [(0,)]
+
+
+async def test_restart_on_an_older_copy_of_the_database_is_refused(tmp_path: Path) -> None:
+    from relay.log import HIGHWATER, LogIntegrityError, open_log  # noqa: PLC0415
+
+    data = tmp_path / "data"
+    storage = await open_storage(RelayConfig(data=data), create=True)
+    tlog = await open_log(data, storage, origin="pli.example/relay", clock=lambda: NOW, window=0, create=True)
+    await tlog.append(_delivered(0))
+    await tlog.close()
+    await storage.close()
+    older = (data / "relay.sqlite3").read_bytes()  # a backup (closed: no WAL left)
+    storage = await open_storage(RelayConfig(data=data))
+    tlog = await open_log(data, storage, origin="pli.example/relay", clock=lambda: NOW, window=0)
+    for i in (1, 2):
+        await tlog.append(_delivered(i))
+    await tlog.close()
+    await storage.close()
+    assert (data / HIGHWATER).read_text().split()[0] == "3"
+    (data / "relay.sqlite3").write_bytes(older)  # restored over the newer one
+    storage = await open_storage(RelayConfig(data=data))
+    try:
+        with pytest.raises(LogIntegrityError, match="went back to size 1, below the size 3"):
+            await open_log(data, storage, origin="pli.example/relay", clock=lambda: NOW, window=0)
+    finally:
+        await storage.close()
+
+
+async def test_a_terminated_listener_reconnects_and_long_polls_wake_on_both_nodes(pg_dsn: str) -> None:
+    from _pg import query  # noqa: PLC0415
+
+    from relay.storage._pg import PostgresStorage  # noqa: PLC0415
+
+    a, b = await Storage.open(pg_dsn), await Storage.open(pg_dsn)
+    assert isinstance(a, PostgresStorage)
+    device = os.urandom(16)
+    try:
+        assert a._listener is not None
+        pid = a._listener.get_server_pid()
+        async with a.mail_waiter(device) as woken:
+            query(pg_dsn, "SELECT pg_terminate_backend(?)", (pid,))
+            # The reconnection wakes every waiter (what was announced meanwhile is lost).
+            await asyncio.wait_for(woken.wait(), 10)
+        assert a.listener_up()
+        assert a._listener.get_server_pid() != pid
+        for writer in (a, b):  # mail stored on the same node, then on another
+            async with a.mail_waiter(device) as mail:
+                async with writer.transaction() as tx:
+                    await writer.notify_mail(tx, [device])
+                await asyncio.wait_for(mail.wait(), 5)
+    finally:
+        await b.close()
+        await a.close()
+
+
+async def test_a_stuck_log_lock_holder_gets_a_put_answered_503_not_hung(
+    relay_factory: RelayFactory, pg_dsn: str
+) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    from relay.storage._pg import LOG_LOCK  # noqa: PLC0415
+
+    relay = await relay_factory(database=pg_dsn, pg_lock_timeout=0.5)
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    holder = await asyncpg.connect(pg_dsn)  # a node frozen mid-batch (its connection not reset)
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", LOG_LOCK)
+        ct = os.urandom(500)
+        eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+        r = await asyncio.wait_for(relay.put(gp.keys, eid, prefix + ct), 5)
+        assert_problem(r, 503, "unavailable")
+        assert r.headers["Retry-After"]
+        assert relay.query("SELECT COUNT(*) FROM log_leaves WHERE envelope_id = ?", (eid,)) == [(0,)]
+    finally:
+        await holder.close()
+    assert (await relay.put(gp.keys, eid, prefix + ct)).status == 201  # the lock gone: stored
+
+
+async def test_connection_level_postgresql_errors_are_503_not_500(pg_dsn: str) -> None:
+    import asyncpg  # noqa: PLC0415
+    from _pg import query  # noqa: PLC0415
+
+    from relay.errors import storage_failure  # noqa: PLC0415
+
+    raised: list[BaseException] = []
+    conn = await asyncpg.connect(pg_dsn)
+    query(pg_dsn, "SELECT pg_terminate_backend(?)", (conn.get_server_pid(),))
+    for _ in range(2):  # the terminated backend, then the closed connection
+        try:
+            await conn.fetchval("SELECT 1")
+        except Exception as e:
+            raised.append(e)
+    await conn.close()
+    try:
+        await conn.fetchval("SELECT 1")
+    except asyncpg.InterfaceError as e:
+        raised.append(e)
+    port = int(pg_dsn.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+    with contextlib.suppress(OSError):
+        await asyncpg.connect(pg_dsn.replace(f":{port}/", ":1/"))  # nothing listens there
+    try:
+        await asyncpg.connect(pg_dsn.replace(f":{port}/", ":1/"))
+    except OSError as e:
+        raised.append(e)
+    busy = []
+    a, b = await asyncpg.connect(pg_dsn), await asyncpg.connect(pg_dsn)
+    try:  # a real deadlock (40P01), and a lock_timeout (55P03)
+        for c in (a, b):
+            await c.execute("BEGIN")
+        await a.execute("SELECT pg_advisory_xact_lock(1)")
+        await b.execute("SELECT pg_advisory_xact_lock(2)")
+        crossed = await asyncio.gather(a.execute("SELECT pg_advisory_xact_lock(2)"),
+                                       b.execute("SELECT pg_advisory_xact_lock(1)"), return_exceptions=True)
+        busy += [e for e in crossed if isinstance(e, asyncpg.PostgresError)]  # one of the two is the victim
+        for c in (a, b):
+            await c.execute("ROLLBACK")
+        await a.execute("BEGIN")
+        await a.execute("SELECT pg_advisory_xact_lock(3)")
+        await b.execute("SET lock_timeout = 50")
+        try:
+            await b.execute("SELECT pg_advisory_xact_lock(3)")
+        except asyncpg.PostgresError as e:
+            busy.append(e)
+    finally:
+        await a.close()
+        await b.close()
+    assert len(raised) == 4, raised
+    assert [getattr(e, "sqlstate", None) for e in busy] == ["40P01", "55P03"]
+    for e in raised:
+        refusal = storage_failure(e)
+        assert refusal is not None, repr(e)
+        assert (refusal.status, refusal.code, refusal.retry_after is not None) == (503, "storage_unavailable", True)
+    for e in busy:
+        refusal = storage_failure(e)
+        assert refusal is not None, repr(e)
+        assert (refusal.status, refusal.code, refusal.retry_after is not None) == (503, "unavailable", True)
+
+
+async def test_a_device_holds_at_most_two_long_polls_and_a_shutdown_answers_them(relay: Relay) -> None:
+    from relay.app import STORAGE  # noqa: PLC0415
+
+    derm = await relay.enroll(DERM)
+    storage = relay.app[STORAGE]
+    polls = [asyncio.create_task(relay.get(derm.keys, "/v1/inbox?wait=60")) for _ in range(2)]
+    async def held() -> None:
+        while storage.waiting(derm.device_id) < 2:  # noqa: ASYNC110 - no hook: polled, bounded below
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(held(), 10)
+    # A third is answered at once, without waiting.
+    r = await asyncio.wait_for(relay.get(derm.keys, "/v1/inbox?wait=60"), 5)
+    assert (r.status, r.json()) == (200, {"envelopes": []})
+    assert storage.waiting(derm.device_id) == 2
+    await relay.app.shutdown()  # a restart: the long polls answer now, not after the grace period
+    for r in await asyncio.wait_for(asyncio.gather(*polls), 5):
+        assert (r.status, r.json()) == (200, {"envelopes": []})
+
+
+def test_max_inbox_wait_over_the_protocols_60_seconds_is_refused() -> None:
+    from relay.config import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match="max_inbox_wait: at most 60 seconds"):
+        RelayConfig(max_inbox_wait=120)

@@ -11,6 +11,7 @@ their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -104,7 +105,8 @@ class Storage(ABC):
 
     @staticmethod
     async def open(
-        location: Path | str, *, migrations: tuple[Migration, ...] | None = None, check: bool = True
+        location: Path | str, *, migrations: tuple[Migration, ...] | None = None, check: bool = True,
+        lock_timeout: float = 10.0,
     ) -> Storage:
         """A path: SQLite (a brand-new file is created at the latest schema); a
         ``postgresql://`` DSN: PostgreSQL (migrated beforehand by ``pli-relay migrate``).
@@ -116,7 +118,8 @@ class Storage(ABC):
         if isinstance(location, str) and location.startswith(("postgresql://", "postgres://")):
             from relay.storage._pg import PostgresStorage  # noqa: PLC0415 - asyncpg only when asked for
 
-            return await PostgresStorage.connect(location, migrations=migrations, check=check)
+            return await PostgresStorage.connect(location, migrations=migrations, check=check,
+                                                 lock_timeout=lock_timeout)
         from relay.storage._sqlite import SqliteStorage  # noqa: PLC0415
 
         return await SqliteStorage.connect(Path(location), migrations=migrations, check=check)
@@ -127,6 +130,12 @@ class Storage(ABC):
     @abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[Tx]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
+
+    def envelope_lock(self, envelope_id: bytes) -> AbstractAsyncContextManager[object]:  # noqa: ARG002
+        """Held by the request writing an envelope's bytes and row, against every other
+        request on that envelope on every node. One node (SQLite): the route's in-process
+        lock is all there is, so this holds nothing."""
+        return contextlib.nullcontext()
 
     def sequencer_transaction(self) -> AbstractAsyncContextManager[Tx]:
         """The log sequencer's transaction: only one at a time appends, on every node."""
@@ -210,6 +219,17 @@ class Storage(ABC):
             waiters.discard(event)
             if not waiters and self._mail_waiters.get(device_id) is waiters:
                 del self._mail_waiters[device_id]
+
+    def wake_all(self) -> None:
+        """Wake every waiting inbox (they read again and answer): mail may have been
+        missed, or the relay is stopping."""
+        for waiters in self._mail_waiters.values():
+            for event in waiters:
+                event.set()
+
+    def waiting(self, device_id: bytes) -> int:
+        """Inbox requests of ``device_id`` waiting for mail now, on this node."""
+        return len(self._mail_waiters.get(device_id, ()))
 
     def _wake(self, device_ids: Iterable[bytes]) -> None:
         for d in device_ids:
@@ -382,30 +402,38 @@ class Storage(ABC):
         received: int,
         now: int,
         tx: Tx | None = None,
-    ) -> None:
-        """Insert an envelope and its deliveries in one transaction."""
+    ) -> bool:
+        """Insert an envelope and its deliveries in one transaction; False (nothing
+        written) if a row with this id exists already: another request created it."""
         state = "stored" if received == size else "uploading"
         async with self._tx(tx) as db:
-            await db.execute(
+            if not await db.execute(
                 "INSERT INTO envelopes (id, sender, prefix, envelope_hash, size, created, expires,"
-                " received, state, started_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " received, state, started_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (id) DO NOTHING",
                 (envelope_id, sender, prefix, envelope_hash, size, created, expires, received,
                  state, now, now if state == "stored" else None),
-            )
+            ):
+                return False
             await db.executemany(
                 "INSERT INTO deliveries (envelope_id, device_id) VALUES (?, ?)",
                 [(envelope_id, d) for d in to],
             )
+        return True
 
     async def set_received(
-        self, envelope_id: bytes, received: int, *, complete: bool, now: int, tx: Tx | None = None
-    ) -> None:
+        self, envelope_id: bytes, received: int, *, held: int, complete: bool, now: int, tx: Tx | None = None
+    ) -> bool:
+        """Move an upload from ``held`` bytes to ``received`` (stored if ``complete``); False
+        (nothing changed) unless the row is still an upload holding ``held`` bytes, as the
+        caller saw it: another request (on another node) changed it meanwhile."""
         async with self._tx(tx) as db:
-            await db.execute(
-                "UPDATE envelopes SET received = ?, state = ?, received_at = ? WHERE id = ?",
+            return await db.execute(
+                "UPDATE envelopes SET received = ?, state = ?, received_at = ?"
+                " WHERE id = ? AND state = 'uploading' AND received = ?",
                 (received, "stored" if complete else "uploading", now if complete else None,
-                 envelope_id),
-            )
+                 envelope_id, held),
+            ) == 1
 
     async def discard_upload(self, envelope_id: bytes) -> None:
         """Forget an upload that can never complete (its bytes do not hash to its header)."""

@@ -15,7 +15,10 @@ COMMITTED transactions from a small pool. Two things differ:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
@@ -36,6 +39,23 @@ LOG_LOCK = int.from_bytes(b"pli/log\0", "big")
 MIGRATE_LOCK = int.from_bytes(b"pli/mig\0", "big")
 MAIL_CHANNEL = "pli_mail"
 _POOL_SIZE = 10
+#: connections holding envelope locks (one per upload request in progress, at most)
+_LOCK_POOL_SIZE = 64
+#: client-side limit on one statement, seconds (asyncpg raises TimeoutError)
+_COMMAND_TIMEOUT = 60.0
+_RELISTEN_FIRST = 0.1
+_RELISTEN_MAX = 5.0
+
+
+def server_settings(*, lock_timeout: float, serving: bool) -> dict[str, str]:
+    """Session settings of every connection: a frozen peer or a stuck transaction is
+    noticed in about a minute, not in the kernel's two hours."""
+    settings = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10", "tcp_keepalives_count": "3"}
+    if serving:  # not for `pli-relay migrate`: a migration may wait and run long
+        settings |= {"idle_in_transaction_session_timeout": "60000",
+                     "lock_timeout": str(int(lock_timeout * 1000)),
+                     "statement_timeout": str(int(_COMMAND_TIMEOUT * 1000))}
+    return settings
 
 
 @functools.lru_cache(maxsize=1024)
@@ -74,38 +94,111 @@ class PostgresStorage(Storage):
     engine: ClassVar[str] = "postgresql"
     MIGRATIONS: ClassVar[tuple[Migration, ...]] = mig.POSTGRES
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, *, lock_pool: asyncpg.Pool, lock_timeout: float) -> None:
         super().__init__()
         self._pool = pool
+        self._lock_pool = lock_pool
         self._dsn = dsn
+        self._lock_timeout = lock_timeout
         self._listener: asyncpg.Connection | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, migrations: tuple[Migration, ...] | None = None, check: bool = True
+        cls, dsn: str, *, migrations: tuple[Migration, ...] | None = None, check: bool = True,
+        lock_timeout: float = 10.0,
     ) -> PostgresStorage:
         """A pool on ``dsn``; refuses (SchemaError) a schema not migrated to this relay's.
-        ``check=False`` (for ``pli-relay migrate``): no check, no listener."""
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=_POOL_SIZE if check else 2)
-        self = cls(pool, dsn)
+        ``check=False`` (for ``pli-relay migrate``): no check, no listener, no timeouts on
+        statements (a migration may take long)."""
+        settings = server_settings(lock_timeout=lock_timeout, serving=check)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=_POOL_SIZE if check else 2,
+                                         server_settings=settings, command_timeout=_COMMAND_TIMEOUT if check else None)
+        # Envelope locks are held for a whole upload request: on connections of their own,
+        # so uploads waiting for the pool can never starve the requests holding them.
+        lock_pool = await asyncpg.create_pool(dsn, min_size=0, max_size=_LOCK_POOL_SIZE,
+                                              server_settings={k: v for k, v in settings.items()
+                                                               if k != "statement_timeout"})
+        self = cls(pool, dsn, lock_pool=lock_pool, lock_timeout=lock_timeout)
         if migrations is not None:
             self.migrations = migrations  # tests run their own lists
         if not check:
             return self
         try:
             await self.check_schema()
-            self._listener = await asyncpg.connect(dsn)
-            await self._listener.add_listener(MAIL_CHANNEL, self._on_mail)
+            await self._listen()
         except BaseException:
             await self.close()
             raise
         return self
 
     async def close(self) -> None:
+        self._closing = True
+        if self._listening is not None:
+            self._listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listening
+            self._listening = None
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
+        await self._lock_pool.close()
         await self._pool.close()
+
+    # -- the LISTEN connection ---------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self._dsn, server_settings=server_settings(lock_timeout=self._lock_timeout,
+                                                                                  serving=False))
+        try:
+            await conn.add_listener(MAIL_CHANNEL, self._on_mail)
+        except BaseException:
+            await conn.close()
+            raise
+        conn.add_termination_listener(self._on_listener_lost)
+        self._listener = conn
+
+    def _on_listener_lost(self, _conn: object) -> None:
+        if self._closing or (self._listening is not None and not self._listening.done()):
+            return
+        log.warning("mail_listener_lost")
+        self._listening = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        """Reconnect with backoff, LISTEN again, then wake every waiting inbox: mail
+        committed while nobody listened was announced to nobody."""
+        delay = _RELISTEN_FIRST
+        while not self._closing:
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
+                log.warning("mail_listener_reconnect_failed", error=type(e).__name__, retry_in=delay)
+                await asyncio.sleep(delay)  # backoff against a real server still down
+                delay = min(delay * 2, _RELISTEN_MAX)
+                continue
+            log.info("mail_listener_reconnected")
+            self.wake_all()
+            return
+
+    def listener_up(self) -> bool:
+        """Whether new mail committed on other nodes reaches this node's waiting inboxes now."""
+        return self._listener is not None and not self._listener.is_closed()
+
+    @asynccontextmanager
+    async def envelope_lock(self, envelope_id: bytes) -> AsyncIterator[object]:
+        # A session-level advisory lock on a connection of the lock pool, for the whole
+        # request (its transactions come and go on the main pool). A node that dies loses
+        # its connection, hence the lock. Waiting is bounded by lock_timeout (55P03: 503).
+        key = int.from_bytes(hashlib.sha256(b"pli/envelope\0" + envelope_id).digest()[:8], "big", signed=True)
+        async with self._lock_pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+            try:
+                yield None
+            finally:
+                # On a broken connection the lock went with it (the pool discards it).
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
@@ -118,6 +211,9 @@ class PostgresStorage(Storage):
     @asynccontextmanager
     async def sequencer_transaction(self) -> AsyncIterator[Tx]:
         async with self.transaction() as tx:
+            # Bounded: a node frozen while holding the lock (its connection not reset yet)
+            # makes this fail with 55P03 after lock_timeout (503 unavailable), not hang.
+            await tx.execute(f"SET LOCAL lock_timeout = {int(self._lock_timeout * 1000)}")
             await tx.execute("SELECT pg_advisory_xact_lock(?)", (LOG_LOCK,))
             yield tx
 
@@ -137,7 +233,10 @@ class PostgresStorage(Storage):
     # -- new mail -------------------------------------------------------------------------
 
     async def notify_mail(self, tx: Tx, device_ids: Sequence[bytes]) -> None:
-        # At most 64 recipients of 32 hex digits: far below NOTIFY's 8000-byte payload.
+        # This node's waiters directly, once committed (even with its listener down);
+        # every node's through NOTIFY. At most 64 recipients of 32 hex digits: far below
+        # NOTIFY's 8000-byte payload.
+        await super().notify_mail(tx, device_ids)
         await tx.execute("SELECT pg_notify(?, ?)", (MAIL_CHANNEL, ",".join(d.hex() for d in device_ids)))
 
     def _on_mail(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:

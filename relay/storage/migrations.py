@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["POSTGRES", "SQLITE", "Migration", "SchemaError", "refuse_unless_next"]
+__all__ = ["POSTGRES", "SQLITE", "Migration", "NoRelayDataError", "SchemaError", "refuse_unless_next"]
 
 
 class SchemaError(RuntimeError):
     """The database's schema is not the one this relay runs on; the message says what to do."""
+
+
+class NoRelayDataError(SchemaError):
+    """No relay database (or log key) where the settings point: a wrong ``--data`` or
+    ``--config``, most likely; only ``serve`` and ``migrate`` create them."""
 
 
 @dataclass(frozen=True)
