@@ -356,12 +356,11 @@ class TransparencyLog:
         if self.highwater is not None and rng.size > self._signed[0]:
             try:
                 await asyncio.to_thread(self.highwater.write, rng.size, rng.root())
-            except OSError as e:
-                # Logged, but not answered: the submitters retry and get their receipt then.
-                for p, _, _ in done:
-                    if not p.future.done():
-                        p.future.set_exception(storage_failure(e) or e)
-                return
+            except OSError:
+                # The batch is committed: its submitters get their receipts (a refusal here
+                # would undo a logged upload). The mark is a guard against a database going
+                # backwards; the next batch raises it, and the operator is told now.
+                log.exception("highwater_write_failed", path=str(self.highwater.path), size=rng.size)
         self._signed = max(self._signed, (rng.size, rng.root()))
         for p, index, leaf in done:
             if not p.future.done():  # a caller that went away still has its leaf logged

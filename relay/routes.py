@@ -780,8 +780,8 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             # gone mid-batch still has its leaf logged, and its blob must stay.)
             if row is None:
                 await _forget_new(app, header.id)
-            else:
-                await blobs.uncommit(header.id)
+            elif (current := await storage.envelope(header.id)) is None or current.state != "stored":
+                await blobs.uncommit(header.id)  # never a blob whose row says stored (logged)
             raise
         receipt = await app[LOG].receipt(appended)
         log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to),

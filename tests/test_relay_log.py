@@ -1217,3 +1217,33 @@ async def test_concurrent_submissions_and_reads_all_get_valid_receipts(relay: Re
         assert reply.status == 201, reply.body
         entry, _ = who.check_receipt(reply.json()["receipt"])
         assert (entry.envelope_id, entry.envelope_hash) == (eid, signed.envelope_hash)
+
+
+async def test_high_water_mark_that_cannot_be_written_loses_no_logged_upload(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk refuses the high-water mark after a batch committed: the upload completed in
+    that batch is logged, so it keeps its blob and its submitter gets the receipt (once, a
+    503 here undid the blob of a logged envelope and the recipient got 404 for ever)."""
+    import errno  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    ct = os.urandom(10_000)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix + ct[:4000])).status in (200, 201, 202)
+    real_mkstemp = tempfile.mkstemp
+
+    def full_disk_for_the_mark(*args: Any, **kw: Any) -> Any:
+        if str(kw.get("prefix", "")).startswith(".log.highwater"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkstemp(*args, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full_disk_for_the_mark)
+    done = await relay.patch(gp.keys, eid, 4000, ct[4000:])
+    assert done.status in (200, 201), done.json()
+    assert done.json()["receipt"]["index"] >= 0
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    got = await relay.get(derm.keys, f"/v1/envelopes/{eid.hex()}")
+    assert got.status == 200
+    assert got.body == prefix + ct

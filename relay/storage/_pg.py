@@ -191,7 +191,8 @@ class PostgresStorage(Storage):
         # request (its transactions come and go on the main pool). A node that dies loses
         # its connection, hence the lock. Waiting is bounded by lock_timeout (55P03: 503).
         key = int.from_bytes(hashlib.sha256(b"pli/envelope\0" + envelope_id).digest()[:8], "big", signed=True)
-        async with self._lock_pool.acquire() as conn:
+        # A full lock pool (slow uploads hold their connections) waits no longer than a lock.
+        async with self._lock_pool.acquire(timeout=self._lock_timeout) as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", key)
             try:
                 yield None
