@@ -5,7 +5,7 @@
     python bench/bundle.py --rounds 5 --dir /var/tmp
 
 Pli's side is its real bundle path, in a child process (so its peak memory is its own):
-hash every file for the manifest (client.core._hash_file, on two threads), sign the
+hash every file for the manifest (client.core.file_entry, on two threads), sign the
 manifest, then client.core._encrypt_bundle writes the tar through age encryption to a
 file and fsyncs it (as `pli send` does); opening is client.core._decrypt_bundle: decrypt,
 check the ciphertext's hash against the signed header, verify the manifest signature and
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from _common import ROOT, mb_per_s, median, parse_size, peak_rss_mib
 
-from client.core import _decrypt_bundle, _encrypt_bundle, _hash_file
+from client.core import _decrypt_bundle, _encrypt_bundle, file_entry
 from client.home import Home
 from protocol import age
 from protocol.bundle import Manifest, Sender, sign_manifest
@@ -103,7 +103,7 @@ def worker_encrypt(work: Path) -> dict[str, float]:
     paths = sorted((work / "in").iterdir())
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        entries = list(pool.map(_hash_file, paths))
+        entries = list(pool.map(file_entry, paths))
     t_hash = time.perf_counter() - t0
     pub = SENDER.public()
     manifest = Manifest(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 import yaml
 
 from client import media, pdf
-from client.core import media_type
+from client.core import file_entry, media_type
 from client.home import Home, Profile, atomic_write
 from protocol import ids
 from protocol.case import CONSENT_METHODS, URGENCIES, check_body
@@ -193,7 +192,7 @@ def build_body(  # noqa: C901, PLR0912 - one check per field, each with its own 
     return body, rpps
 
 
-def prepare_request(  # noqa: C901 - each step cleans up after itself on failure
+def prepare_request(
     home: Home, profile: Profile, data: dict[str, Any], files: list[Path], *,
     today: dt.date, case_id: bytes, now: int, base: Path | None = None,
 ) -> PreparedRequest:
@@ -221,18 +220,9 @@ def prepare_request(  # noqa: C901 - each step cleans up after itself on failure
     folder = home.root / "outbox" / case_id.hex()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    prepared: list[media.Prepared] = []
     try:
-        for src in [*paths, *([form_path] if form_path else [])]:
-            if not src.is_file():
-                raise CaseFormError(f"{src}: no such file", fr=f"{src} : fichier introuvable")  # noqa: TRY301
-            try:
-                item = media.prepare_attachment(src, folder)
-            except media.MediaError as e:
-                raise CaseFormError(str(e), fr=e.message_fr) from e
-            prepared.append(item)
-            warnings += [(f"{src.name}: {en}", f"{src.name} : {fr}")
-                         for en, fr in zip(item.warnings, item.warnings_fr, strict=True)]
+        prepared, cleaning = clean_attachments([*paths, *([form_path] if form_path else [])], folder)
+        warnings += cleaning
         out = [p.path for p in prepared]
         thumbs = {p.name: p.thumbnail.name for p in prepared if p.thumbnail is not None}
         out += [p.thumbnail for p in prepared if p.thumbnail is not None]
@@ -249,8 +239,8 @@ def prepare_request(  # noqa: C901 - each step cleans up after itself on failure
         dossier = folder / DOSSIER_NAME
         atomic_write(dossier, pdf.render_dossier(dossier_data(
             body, profile, case_id=case_id.hex(), created=now,
-            attachments=[{"name": p.name, "type": media_type(p), "size": p.stat().st_size,
-                          "sha256": _sha256(p)} for p in out],
+            attachments=[{"name": e.name, "type": e.media_type, "size": e.size, "sha256": e.sha256.hex()}
+                         for e in map(file_entry, out)],
         )))
         body["dossier"] = DOSSIER_NAME
         out.insert(0, dossier)
@@ -276,12 +266,26 @@ def _sweep_outbox(home: Home, now: int) -> None:
                 shutil.rmtree(folder)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def clean_attachments(sources: list[Path], folder: Path) -> tuple[list[media.Prepared], list[tuple[str, str]]]:
+    """Each attachment cleaned into ``folder`` (photos without metadata, PDFs checked), with
+    the quality warnings (en, fr); for requests, complements and answers alike.
+
+    Raises:
+        CaseFormError: a file is missing, or not what it claims (the media error's code kept).
+    """
+    prepared: list[media.Prepared] = []
+    warnings: list[tuple[str, str]] = []
+    for src in sources:
+        if not src.is_file():
+            raise CaseFormError(f"{src}: no such file", fr=f"{src} : fichier introuvable")
+        try:
+            item = media.prepare_attachment(src, folder)
+        except media.MediaError as e:
+            raise CaseFormError(str(e), fr=e.message_fr, code=e.code) from e
+        prepared.append(item)
+        warnings += [(f"{src.name}: {en}", f"{src.name} : {fr}")
+                     for en, fr in zip(item.warnings, item.warnings_fr, strict=True)]
+    return prepared, warnings
 
 
 def profession_label(code: str) -> str:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from client import billing, core, logstate, media, pdf
+from client import billing, core, logstate, pdf
 from client.api import Progress, RelayClient
-from client.caseform import PreparedRequest, profession_label
+from client.caseform import PreparedRequest, clean_attachments, profession_label
 from client.home import Home, Profile, atomic_write
 from protocol import ids
 from protocol.case import ANSWER_KINDS, FINAL_STATES, REQUERANT_KINDS, CaseState, CaseStateError, advance
@@ -425,23 +425,12 @@ def _prepare_files(home: Home, case_id: str, files: list[Path]) -> tuple[list[Pa
     folder = home.root / "outbox" / f"{case_id}-{os.urandom(4).hex()}"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    out: list[Path] = []
-    warnings: list[tuple[str, str]] = []
     try:
-        for src in files:
-            if not src.is_file():
-                raise CaseError(f"{src}: no such file", fr=f"{src} : fichier introuvable")  # noqa: TRY301
-            try:
-                item = media.prepare_attachment(src, folder)
-            except media.MediaError as e:
-                raise CaseError(str(e), fr=e.message_fr) from e
-            out.append(item.path)
-            warnings += [(f"{src.name}: {en}", f"{src.name} : {fr}")
-                         for en, fr in zip(item.warnings, item.warnings_fr, strict=True)]
+        prepared, warnings = clean_attachments(files, folder)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return out, folder, warnings
+    return [p.path for p in prepared], folder, warnings
 
 
 @contextlib.asynccontextmanager
@@ -666,12 +655,14 @@ def _patient_keyer(views: list[CaseView]) -> Callable[[dict[str, Any]], str]:
     return key
 
 
-def acts(home: Home, *, now: int, zone: str = "metropole") -> list[billing.Act]:
+def acts(
+    home: Home, *, now: int, zone: str = "metropole", views: list[CaseView] | None = None,
+) -> list[billing.Act]:
     """The téléexpertise acts this practitioner took part in: cases that got an avis or an
     orientation (a refusal or a pending case is not an act), dated by the answer's log time."""
     profile = core._session(home)  # noqa: SLF001
     out: list[billing.Act] = []
-    views = list_cases(home, now=now)
+    views = list_cases(home, now=now) if views is None else views
     patient_key = _patient_keyer(views)
     for v in views:
         if v.state not in (CaseState.ANSWERED, CaseState.ORIENTED):
@@ -711,5 +702,5 @@ def limit_warning(
         and patient_key(v.patient) == key
     )
     today = dt.datetime.fromtimestamp(now, PARIS).date()
-    return billing.limit_warning(acts(home, now=now), patient_key=key, requis_rpps=requis_rpps,
+    return billing.limit_warning(acts(home, now=now, views=views), patient_key=key, requis_rpps=requis_rpps,
                                  on=today, pending=pending, requis_name=requis_name)

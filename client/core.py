@@ -100,7 +100,8 @@ def media_type(path: Path) -> str:
     return guessed or "application/octet-stream"
 
 
-def _hash_file(path: Path) -> FileEntry:
+def file_entry(path: Path) -> FileEntry:
+    """A file as the manifest lists it: name, media type, size and SHA-256."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(_COPY)
@@ -325,7 +326,7 @@ async def send(
     for f in files:
         if not f.is_file():
             raise ClientError(f"{f}: no such file")
-    entries = await asyncio.to_thread(lambda: [_hash_file(f) for f in files])
+    entries = await asyncio.to_thread(lambda: [file_entry(f) for f in files])
     if len({e.name.casefold() for e in entries}) != len(entries):
         raise ClientError("two attachments have the same name; rename one")
     async with _relay(home, profile, keys, relay) as r:
