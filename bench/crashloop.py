@@ -77,6 +77,7 @@ from protocol import httpsig, merkle, note  # noqa: E402
 from protocol.envelope import EnvelopeHeader, seal_header  # noqa: E402
 from protocol.keys import DeviceKeys  # noqa: E402
 from protocol.logentry import EntryType, LogEntry  # noqa: E402
+from relay.routes import INLINE_MAX  # noqa: E402
 
 __all__ = ["CrashLoop", "CrashLoopError", "Stats", "main", "run"]
 
@@ -314,7 +315,10 @@ class CrashLoop:
     def _new_submission(self) -> Submission:
         sender = self.rng.randrange(2)
         recipient = 1 - sender
-        size = 0 if self.rng.random() < 0.03 else self.rng.randint(1, 3000)
+        # Mostly small envelopes (kept in their row), some over INLINE_MAX (in the blob folder).
+        roll = self.rng.random()
+        size = 0 if roll < 0.03 else self.rng.randint(1, 3000) if roll < 0.8 else \
+            self.rng.randint(INLINE_MAX + 1, INLINE_MAX + 4096)
         ciphertext = self.rng.randbytes(size)
         eid = self.rng.randbytes(16)
         now = int(time.time())
@@ -447,7 +451,7 @@ class CrashLoop:
         try:
             leaves = db.execute("SELECT idx, data, envelope_id, type FROM log_leaves ORDER BY idx").fetchall()
             checkpoints = dict(db.execute("SELECT size, root FROM log_checkpoints").fetchall())
-            rows = db.execute("SELECT id, state, prefix, size, received FROM envelopes").fetchall()
+            rows = db.execute("SELECT id, state, prefix, size, received, inline FROM envelopes").fetchall()
         finally:
             db.close()
         submitted = self._check_stored_log(leaves, checkpoints)
@@ -488,20 +492,23 @@ class CrashLoop:
                 _check(eid not in state, f"envelope {eid.hex()} said absent after a restart now exists")
         blobs = self.data / "blobs"
         owned: set[Path] = set()
-        for eid, (_, st, prefix, size, received) in state.items():
+        for eid, (_, st, prefix, size, received, inline) in state.items():
             sub = self.subs.get(eid)
             _check(sub is not None, f"an envelope nobody sent: {eid.hex()}")
             assert sub is not None
             _check(bytes(prefix) == sub.prefix and size == len(sub.ciphertext), f"row {eid.hex()} is not what was sent")
             blob = blobs / eid.hex()[:2] / eid.hex()
             part = blobs / "incoming" / (eid.hex() + ".part")
-            if st == "stored":
+            if st == "stored" and inline is not None:  # a small envelope, kept in its row
+                _check(submitted[eid] == 1, f"stored envelope {eid.hex()} has {submitted[eid]} submitted leaves")
+                _check(bytes(prefix) + bytes(inline) == sub.blob, f"stored envelope {eid.hex()}: row differs")
+            elif st == "stored":
                 _check(submitted[eid] == 1, f"stored envelope {eid.hex()} has {submitted[eid]} submitted leaves")
                 _check(blob.is_file() and blob.read_bytes() == sub.blob,
                        f"stored envelope {eid.hex()}: blob {'differs' if blob.is_file() else 'missing'}")
                 owned.add(blob)
             else:
-                _check(st == "uploading", f"envelope {eid.hex()} in state {st}")
+                _check(st == "uploading" and inline is None, f"envelope {eid.hex()} in state {st}")
                 _check(submitted[eid] == 0, f"upload in progress {eid.hex()} has a submitted leaf")
                 _check(received < size, f"upload in progress {eid.hex()} holds all its {size} bytes")
                 if part.is_file():

@@ -71,10 +71,12 @@ class BackupError(Exception):
 # -- writing the tar ----------------------------------------------------------------------------
 
 
-def _write_tar(to: Path, manifest: dict[str, Any], database: Path, blobs: Path | None, stored: list[bytes],
+def _write_tar(to: Path, manifest: dict[str, Any], database: Path, blobs: Path | None,
+               stored: list[tuple[bytes, bool]],
                key: Path) -> dict[str, Any]:
-    """The backup file: the database copy, the key, then the blobs of ``stored`` (from the
-    blob folder ``blobs``; None: they are in the database), fsynced and renamed into place."""
+    """The backup file: the database copy, the key, then the blobs of ``stored`` (id, in
+    the blob store) from the blob folder ``blobs`` (None: they are in the database; small
+    envelopes always are), fsynced and renamed into place."""
     if not key.is_file():
         raise BackupError(f"{key}: the log key is missing; a backup without it cannot sign the log again")
     part = to.with_name(to.name + ".part")
@@ -86,7 +88,9 @@ def _write_tar(to: Path, manifest: dict[str, Any], database: Path, blobs: Path |
             with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 _add_file(tar, database, _DB_MEMBER[manifest["engine"]])
                 _add_file(tar, key, "log.key")
-                for envelope_id in stored if blobs is not None else []:
+                for envelope_id, in_store in stored if blobs is not None else []:
+                    if not in_store:
+                        continue
                     assert blobs is not None
                     h = envelope_id.hex()
                     if not _add_file(tar, blobs / h[:2] / h, f"blobs/{h[:2]}/{h}"):
@@ -180,7 +184,8 @@ def backup_sqlite(data: Path, to: Path, *, now: int) -> dict[str, Any]:
                 check = dst.execute("PRAGMA integrity_check").fetchone()
                 if check is None or check[0] != "ok":
                     raise BackupError(f"the snapshot failed SQLite's integrity check: {check}")
-                stored = [bytes(r[0]) for r in dst.execute("SELECT id FROM envelopes WHERE state = 'stored'")]
+                stored = [(bytes(r[0]), bool(r[1])) for r in dst.execute(
+                    "SELECT id, inline IS NULL FROM envelopes WHERE state = 'stored'")]
                 origin = dst.execute("SELECT value FROM meta WHERE key = 'log_origin'").fetchone()
                 head = dst.execute("SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1").fetchone()
             finally:
@@ -266,7 +271,8 @@ async def backup_postgres(cfg: RelayConfig, to: Path, *, now: int) -> dict[str, 
                                                                           readonly=True):
             # One snapshot for the manifest's facts, the list of blobs and the dump.
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-            stored = [bytes(r[0]) for r in await conn.fetch("SELECT id FROM envelopes WHERE state = 'stored'")]
+            stored = [(bytes(r[0]), bool(r[1])) for r in await conn.fetch(
+                "SELECT id, inline IS NULL FROM envelopes WHERE state = 'stored'")]
             origin = await conn.fetchval("SELECT value FROM meta WHERE key = 'log_origin'")
             head = await conn.fetchrow("SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1")
             if cfg.blob_store == "fs" and await conn.fetchval(
@@ -464,6 +470,8 @@ async def _without_blob(cfg: RelayConfig, storage: Storage) -> list[bytes]:
     gone = []
     for envelope_id in sorted(await storage.envelope_ids("stored")):
         row = await storage.envelope(envelope_id)
-        if row is not None and await blobs.size(envelope_id) != len(row.prefix) + row.size:
+        if row is None or await storage.inline_blob(envelope_id) is not None:
+            continue
+        if await blobs.size(envelope_id) != len(row.prefix) + row.size:
             gone.append(envelope_id)
     return gone

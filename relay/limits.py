@@ -43,6 +43,7 @@ __all__ = [
     "EnrolmentGuard",
     "Limits",
     "Listener",
+    "QuotaUsage",
     "RateLimiter",
     "UploadSlots",
     "client_address",
@@ -181,6 +182,47 @@ class UploadSlots:
                 del self._by_device[device]
 
 
+class QuotaUsage:
+    """Each sender's bytes not yet acknowledged, as the quota check counts them.
+
+    Summing them is a query over all of a sender's envelopes on the relay, too dear for
+    every submission of a busy sender: it runs at most once every ``ttl`` seconds per
+    sender, and what this node accepts in between is added to it. Acknowledgements and
+    purges on this node drop the sender's count (read again at its next submission);
+    those on another node show within ``ttl``. The count errs only upwards: never a
+    submission over the quota, at worst one refused for ``ttl`` seconds too early.
+    """
+
+    def __init__(self, clock: Clock, ttl: float = 1.0, most: int = 100_000) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._most = most
+        self._used: dict[bytes, tuple[float, int]] = {}
+
+    def get(self, sender: bytes) -> int | None:
+        seen = self._used.get(sender)
+        if seen is None or self._clock() - seen[0] >= self._ttl:
+            return None
+        return seen[1]
+
+    def set(self, sender: bytes, used: int) -> None:
+        if len(self._used) >= self._most:
+            self._used.clear()  # bounded whatever the number of senders: they are read again
+        self._used[sender] = (self._clock(), used)
+
+    def add(self, sender: bytes, size: int) -> None:
+        seen = self._used.get(sender)
+        if seen is not None:
+            self._used[sender] = (seen[0], seen[1] + size)
+
+    def forget(self, sender: bytes | None = None) -> None:
+        """Drop one sender's count (it freed room), or every count (``None``: a purge)."""
+        if sender is None:
+            self._used.clear()
+        else:
+            self._used.pop(sender, None)
+
+
 @dataclass
 class Limits:
     """The relay's limiters, in the app's state (``relay.app.LIMITS``)."""
@@ -190,11 +232,13 @@ class Limits:
     rate: RateLimiter = field(init=False)
     enrolments: EnrolmentGuard = field(init=False)
     uploads: UploadSlots = field(init=False)
+    quota: QuotaUsage = field(init=False)
 
     def __post_init__(self) -> None:
         self.rate = RateLimiter(self.cfg.rate_limit, self.cfg.rate_burst, self.clock)
         self.enrolments = EnrolmentGuard(self.cfg.enroll_failures, self.cfg.enroll_window, self.clock)
         self.uploads = UploadSlots(self.cfg.max_uploads_in_flight, self.cfg.max_uploads_per_device)
+        self.quota = QuotaUsage(self.clock)
 
 
 # -- slow clients --------------------------------------------------------------------------

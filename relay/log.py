@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import structlog
@@ -41,10 +42,10 @@ import structlog
 from protocol import merkle, note
 from protocol.logentry import LogEntry
 from relay.errors import PG_RETRYABLE, storage_failure
-from relay.storage import NoRelayDataError, Storage, Tx
+from relay.storage import NoRelayDataError, Step, Storage, Tx
 
 __all__ = [
-    "HIGHWATER", "Appended", "HighWater", "LogIntegrityError", "Skip", "TransparencyLog", "device_subject",
+    "HIGHWATER", "Appended", "HighWater", "LogIntegrityError", "Skip", "Together", "TransparencyLog", "device_subject",
     "load_log_key",
 ]
 
@@ -69,6 +70,21 @@ class Appended:
     leaf: bytes
     size: int
     checkpoint: str
+    #: the leaf's inclusion proof at ``size``, computed from the batch in memory
+    proof: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Together:
+    """Writes that many items of a batch make with one statement per table (a burst of
+    new envelopes): ``steps(tx, payloads)`` gives them for all the batch's items with the
+    same ``steps``; they run with the items' leaves (and, when nothing else is in the
+    batch, its nodes and checkpoint) in one ``Tx.run_all``. If that fails, those items
+    fall back to their own ``action``, one savepoint each, like every other item: so
+    ``action`` must make the same writes for one item."""
+
+    steps: Callable[[Tx, list[Any]], list[Step]]
+    payload: Any
 
 
 @dataclass
@@ -77,6 +93,7 @@ class _Pending:
     action: Action | None
     envelope_id: bytes | None
     future: asyncio.Future[Appended] = field(repr=False)
+    together: Together | None = None
 
 
 def load_log_key(data: Path, *, create: bool = False) -> nacl.signing.SigningKey:
@@ -194,6 +211,9 @@ class TransparencyLog:
         self._task: asyncio.Task[None] | None = None
         self._failed: LogIntegrityError | None = None
         self.batches = 0
+        #: the last batch's answering (its high-water mark, then its receipts), which
+        #: overlaps the next batch's transaction; each waits for the one before
+        self._publishing: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -234,6 +254,8 @@ class TransparencyLog:
             with contextlib.suppress(asyncio.CancelledError, LogIntegrityError):
                 await self._task
             self._task = None
+        if self._publishing is not None:
+            await self._publishing  # committed batches get their answers
 
     # -- appending -----------------------------------------------------------------------
 
@@ -243,6 +265,7 @@ class TransparencyLog:
         action: Action | None = None,
         *,
         envelope_id: bytes | None = None,
+        together: Together | None = None,
     ) -> Appended:
         """Run ``action``, then append the entry ``make(now)``, in one transaction.
 
@@ -259,7 +282,7 @@ class TransparencyLog:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(make, action, envelope_id, future))
+        await self._queue.put(_Pending(make, action, envelope_id, future, together))
         return await future
 
     async def _run(self) -> None:
@@ -306,39 +329,29 @@ class TransparencyLog:
                 await self._reload(tx)
                 rng = self._range.copy()
                 now = self._clock()
-                nodes: list[tuple[int, int, bytes]] = []
-                for p in batch:
-                    await tx.execute("SAVEPOINT item")
-                    try:
-                        # The action first: it may learn what the entry records (an
-                        # invitation's RPPS) or find there is nothing to record (Skip).
-                        if p.action is not None:
-                            await p.action(tx)
-                        entry = p.make(now)
-                        leaf = entry.to_bytes()
-                    except BaseException as e:
-                        if storage_failure(e) is not None:
-                            raise  # the disk, not this item: the whole batch fails (503 for each)
-                        await tx.execute("ROLLBACK TO item")
-                        await tx.execute("RELEASE item")
-                        if isinstance(e, Exception):
-                            refused.append((p, e))
-                            continue
-                        raise
-                    index = rng.size
-                    # Inserted now, not after the loop: a later item's action in this same
-                    # batch must see it (an act logged twice in one batch is logged once).
-                    await tx.execute(
-                        "INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)",
-                        (index, leaf, p.envelope_id, int(entry.type)),
-                    )
-                    await tx.execute("RELEASE item")
-                    nodes += [(n.level, n.index, n.hash) for n in rng.append(merkle.leaf_hash(leaf))]
-                    done.append((p, index, leaf))
+                nodes: list[tuple[int, int, bytes]] = []  # every node the batch completes
+                stored = 0  # how many of them are written already
+                checkpoint = None
+                alone = [p for p in batch if p.together is None]
+                groups = self._together(batch)
+                for i, items in enumerate(groups):
+                    last = not alone and i == len(groups) - 1
+                    written = await self._write_together(tx, items, rng, now, nodes, sign=last)
+                    if written is None:
+                        alone += items  # refused together: one by one, below
+                        continue
+                    rng, checkpoint = written[0], written[1]
+                    done += written[2]
+                    stored = len(nodes)
+                for p in alone:
+                    nodes += await self._write_one(tx, p, rng, now, done, refused)
                 if not done:
                     return
-                await tx.executemany("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
-                checkpoint = await self._store_checkpoint(tx, rng)
+                if checkpoint is None or stored < len(nodes):
+                    await tx.executemany("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes[stored:])
+                    checkpoint = await self._store_checkpoint(tx, rng)
+                assert checkpoint is not None
+                proofs = _batch_proofs(self._range, nodes, rng.size, [index for _, index, _ in done])
         finally:
             # Only once the transaction is over: a refused caller (Skip) goes on to read its
             # existing receipt through the same connection, and must not see this batch
@@ -348,11 +361,100 @@ class TransparencyLog:
                     p.future.set_exception(error)
         self._range = rng
         self.batches += 1
-        await self._publish(done, rng, checkpoint)
+        self._publishing = asyncio.create_task(self._publish(self._publishing, done, rng, checkpoint, proofs))
 
-    async def _publish(self, done: list[tuple[_Pending, int, bytes]], rng: merkle.CompactRange,
-                       checkpoint: str) -> None:
-        """Raise the high-water mark (durably), then answer the batch's submitters."""
+    @staticmethod
+    async def _write_one(
+        tx: Tx, p: _Pending, rng: merkle.CompactRange, now: int, done: list[tuple[_Pending, int, bytes]],
+        refused: list[tuple[_Pending, Exception]],
+    ) -> list[tuple[int, int, bytes]]:
+        """Run ``p``'s action and write its leaf, under a savepoint: a refusal undoes only it."""
+        await tx.execute("SAVEPOINT item")
+        try:
+            # The action first: it may learn what the entry records (an invitation's RPPS)
+            # or find there is nothing to record (Skip).
+            if p.action is not None:
+                await p.action(tx)
+            entry = p.make(now)
+            leaf = entry.to_bytes()
+        except BaseException as e:
+            if storage_failure(e) is not None:
+                raise  # the disk, not this item: the whole batch fails (503 for each)
+            await tx.execute("ROLLBACK TO item")
+            await tx.execute("RELEASE item")
+            if isinstance(e, Exception):
+                refused.append((p, e))
+                return []
+            raise
+        index = rng.size
+        # Inserted now, not after the loop: a later item's action in this same batch must
+        # see it (an act logged twice in one batch is logged once).
+        await tx.execute(
+            "INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)",
+            (index, leaf, p.envelope_id, int(entry.type)),
+        )
+        await tx.execute("RELEASE item")
+        done.append((p, index, leaf))
+        return [(n.level, n.index, n.hash) for n in rng.append(merkle.leaf_hash(leaf))]
+
+    @staticmethod
+    def _together(batch: list[_Pending]) -> list[list[_Pending]]:
+        groups: dict[object, list[_Pending]] = {}
+        for p in batch:
+            if p.together is not None:
+                groups.setdefault(p.together.steps, []).append(p)
+        return list(groups.values())
+
+    async def _write_together(
+        self, tx: Tx, items: list[_Pending], rng: merkle.CompactRange, now: int,
+        nodes: list[tuple[int, int, bytes]], *, sign: bool,
+    ) -> tuple[merkle.CompactRange, str | None, list[tuple[_Pending, int, bytes]]] | None:
+        """Write ``items`` (one ``Together.steps``), their leaves and the nodes they
+        complete in one ``run_all``, with the batch's checkpoint too if ``sign`` (nothing
+        follows them). Returns the grown range, the checkpoint and what was appended; None
+        (nothing of them written) if the database refused them."""
+        grown = rng.copy()
+        added: list[tuple[_Pending, int, bytes]] = []
+        leaves: list[tuple[int, bytes, bytes | None, int]] = []
+        new: list[tuple[int, int, bytes]] = []
+        for p in items:
+            entry = p.make(now)
+            leaf = entry.to_bytes()
+            leaves.append((grown.size, leaf, p.envelope_id, int(entry.type)))
+            added.append((p, grown.size, leaf))
+            new += [(n.level, n.index, n.hash) for n in grown.append(merkle.leaf_hash(leaf))]
+        assert items[0].together is not None
+        steps = items[0].together.steps(tx, [p.together.payload for p in items if p.together is not None])
+        steps += [
+            ("INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)", leaves),
+            ("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", new),
+        ]
+        checkpoint = None
+        if sign:
+            # No other writer since _reload (the sequencer's transaction is exclusive) and
+            # sizes only grow: no checkpoint of this size can exist. Were one there, the
+            # insert fails, and _store_checkpoint, after the fallback, refuses to sign.
+            checkpoint = note.sign_checkpoint(note.Checkpoint(self.origin, grown.size, grown.root()), self.signer)
+            steps.append(("INSERT INTO log_checkpoints (size, root, note, created) VALUES (?, ?, ?, ?)",
+                          [(grown.size, grown.root(), checkpoint, self._clock())]))
+        try:
+            await tx.run_all(steps, savepoint="together")
+        except Exception as e:
+            if storage_failure(e) is not None:
+                raise
+            log.info("log_together_refused", items=len(items), error=str(e))
+            return None
+        nodes += new
+        return grown, checkpoint, added
+
+    async def _publish(self, before: asyncio.Task[None] | None, done: list[tuple[_Pending, int, bytes]],
+                       rng: merkle.CompactRange, checkpoint: str, proofs: list[tuple[bytes, ...]]) -> None:
+        """Raise the high-water mark (durably), then answer the batch's submitters; after
+        the batch ``before`` did (the mark never goes down), while the sequencer goes on
+        with the next batch (a mark behind the database is harmless: it only guards
+        against a database behind the mark)."""
+        if before is not None:
+            await before  # never raises: every failure is answered below
         if self.highwater is not None and rng.size > self._signed[0]:
             try:
                 await asyncio.to_thread(self.highwater.write, rng.size, rng.root())
@@ -361,10 +463,19 @@ class TransparencyLog:
                 # would undo a logged upload). The mark is a guard against a database going
                 # backwards; the next batch raises it, and the operator is told now.
                 log.exception("highwater_write_failed", path=str(self.highwater.path), size=rng.size)
+            except Exception as e:  # a mark that is not one: an error for each, as any batch failure
+                log.exception("highwater_write_failed", path=str(self.highwater.path), size=rng.size)
+                if isinstance(e, LogIntegrityError):
+                    self._failed = e  # every later append is refused, as after any integrity failure
+                for p, _, _ in done:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                return
         self._signed = max(self._signed, (rng.size, rng.root()))
-        for p, index, leaf in done:
+        for (p, index, leaf), proof in zip(done, proofs, strict=True):
             if not p.future.done():  # a caller that went away still has its leaf logged
-                p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint))
+                p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint,
+                                             proof=proof))
 
     async def _store_checkpoint(self, tx: Tx, rng: merkle.CompactRange) -> str:
         root = rng.root()
@@ -465,10 +576,10 @@ class TransparencyLog:
         proof = await self.inclusion(index, size)
         return note.TlogProof(index=index, proof=tuple(proof), checkpoint=checkpoint).to_text()
 
-    async def receipt(self, appended: Appended) -> dict[str, object]:
+    def receipt(self, appended: Appended) -> dict[str, object]:
         """What a client keeps: the leaf and its proof against the batch's own checkpoint."""
-        return receipt_json(appended.index, appended.leaf,
-                            await self.tlog_proof(appended.index, size=appended.size, checkpoint=appended.checkpoint))
+        proof = note.TlogProof(index=appended.index, proof=appended.proof, checkpoint=appended.checkpoint)
+        return receipt_json(appended.index, appended.leaf, proof.to_text())
 
 
     async def entries(self, start: int, end: int) -> list[bytes]:
@@ -493,6 +604,24 @@ class TransparencyLog:
             (envelope_id,),
         )
         return [(int(r[0]), bytes(r[1])) for r in rows]
+
+
+def _batch_proofs(
+    before: merkle.CompactRange, nodes: list[tuple[int, int, bytes]], size: int, indices: list[int]
+) -> list[tuple[bytes, ...]]:
+    """The inclusion proofs, at ``size``, of leaves a batch appended to the tree ``before``.
+
+    No lookup needed: a proof of a new leaf is made of subtrees that either hold a new
+    leaf (each a perfect subtree the batch completed, in ``nodes``, or a fold of them)
+    or lie wholly before the batch, and then each is one of ``before``'s right-edge
+    subtrees (the tiling of [0, before.size) takes, at a subtree's start, the largest
+    aligned width that fits, and the subtree's parent does not fit).
+    """
+    known = {(level, idx): h for (level, idx), h in zip(
+        merkle.perfect_subtrees(0, before.size) if before.size else [], before.hashes, strict=True)}
+    known.update(((level, idx), h) for level, idx, h in nodes)
+    get = merkle.range_hasher(lambda level, idx: known[(level, idx)])
+    return [tuple(merkle.inclusion_proof(index, size, get)) for index in indices]
 
 
 def device_subject(device_id: bytes) -> bytes:

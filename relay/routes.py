@@ -39,7 +39,7 @@ from relay.app import (
 from relay.config import MAX_INBOX_WAIT
 from relay.errors import RelayError, not_found
 from relay.limits import BodyReader, client_address
-from relay.log import Skip, device_subject, receipt_json
+from relay.log import Skip, Together, device_subject, receipt_json
 from relay.logroutes import add_log_routes
 from relay.metrics import METRICS
 from relay.openapi import add_openapi_route
@@ -54,6 +54,9 @@ MSGPACK_TYPE = "application/msgpack"
 MAX_ENROLL = 4096
 _STALE_UPLOAD = 7 * 86400
 _MAX_RUNNING_HASHES = 10_000  # beyond, uploads in progress are re-read at their end
+#: an envelope of at most this many bytes of ciphertext, sent whole in one request, is kept
+#: in its database row (answers, statements, short requests): one commit makes it durable
+INLINE_MAX = 64 << 10
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -175,7 +178,7 @@ async def _enroll(request: web.Request) -> web.Response:
             "specialty": p.specialty,
             "log_vkey": request.app[LOG].verifier.vkey,
             "log_origin": request.app[LOG].origin,
-            "receipt": await request.app[LOG].receipt(appended),
+            "receipt": request.app[LOG].receipt(appended),
         },
         status=201,
     )
@@ -307,12 +310,31 @@ async def get_envelope(request: web.Request) -> web.StreamResponse:
         if row.state == "uploading" and row.sender == device.device_id:
             raise RelayError("not_found", 404, "this envelope's upload is not complete")
         raise not_found("no such envelope")
+    inline = await request.app[STORAGE].inline_blob(row.id)
+    if inline is not None:
+        _check_range(request, len(inline))
+        return _bytes_response(request, inline)
     blobs = request.app[BLOBS]
     size = await blobs.size(row.id)
     if size is None:
         raise not_found("no such envelope")
     _check_range(request, size)
     return await blobs.response(request, row.id, ENVELOPE_TYPE)
+
+
+def _bytes_response(request: web.Request, data: bytes) -> web.Response:
+    """A small envelope kept in its row, whole or the Range asked for (checked already)."""
+    start, stop = 0, len(data)
+    if "Range" not in request.headers:
+        return web.Response(body=data, headers={"Content-Type": ENVELOPE_TYPE, "Accept-Ranges": "bytes"})
+    rng = request.http_range
+    if rng.start is not None and rng.start < 0 and rng.stop is None:
+        start = max(0, stop + rng.start)
+    elif rng.start is not None:
+        start, stop = rng.start, min(rng.stop if rng.stop is not None else stop, stop)
+    return web.Response(body=data[start:stop], status=206, headers={
+        "Content-Type": ENVELOPE_TYPE, "Accept-Ranges": "bytes",
+        "Content-Range": f"bytes {start}-{stop - 1}/{len(data)}"})
 
 
 def _check_range(request: web.Request, size: int) -> None:
@@ -353,10 +375,12 @@ async def ack_envelope(request: web.Request) -> web.Response:
 
     receipt: dict[str, object] | None
     try:
-        receipt = await app[LOG].receipt(await app[LOG].append(entry, action, envelope_id=envelope_id))
+        receipt = app[LOG].receipt(await app[LOG].append(entry, action, envelope_id=envelope_id))
     except Skip:
         receipt = await _existing_receipt(app, envelope_id, EntryType.DELIVERED, device.device_id)
     deleted = False
+    if state and state[0]:
+        app[LIMITS].quota.forget(row.sender)  # its bytes no longer count against the sender
     if state and state[0] and app[CONFIG].ack_retention == 0 and row.state == "stored":
         await _delete(app, [envelope_id])
         deleted = True
@@ -452,7 +476,7 @@ async def _log_act(request: web.Request, signed: LogEntry) -> web.Response:
     try:
         appended = await app[LOG].append(lambda now: replace(signed, time=now), action,
                                          envelope_id=signed.envelope_id)
-        return web.json_response({"receipt": await app[LOG].receipt(appended)}, status=201)
+        return web.json_response({"receipt": app[LOG].receipt(appended)}, status=201)
     except Skip:
         receipt = await _existing_receipt(app, signed.envelope_id, signed.type, signed.device_id)
         return web.json_response({"receipt": receipt}, status=200)
@@ -490,6 +514,8 @@ async def purge_once(app: web.Application) -> None:
     storage = app[STORAGE]
     ids = await storage.purgeable(now=now, ack_retention=cfg.ack_retention, stale_upload=_STALE_UPLOAD)
     await _delete(app, ids)
+    if ids and LIMITS in app:  # (pli-relay purge runs without the serving limits)
+        app[LIMITS].quota.forget()
     nonces = await storage.purge_nonces(now=now)
     if ids or nonces:
         log.info("purged", envelopes=len(ids), nonces=nonces)
@@ -575,13 +601,18 @@ async def _check_quota(request: web.Request, header: EnvelopeHeader) -> None:
     """A new envelope must fit in its sender's quota of bytes not yet acknowledged. No
     Retry-After: room comes back when recipients acknowledge, which no clock predicts."""
     quota = request.app[CONFIG].device_quota
-    used = await request.app[STORAGE].unacknowledged_bytes(header.sender, now=request.app[CLOCK]())
+    usage = request.app[LIMITS].quota
+    used = usage.get(header.sender)
+    if used is None:
+        used = await request.app[STORAGE].unacknowledged_bytes(header.sender, now=request.app[CLOCK]())
+        usage.set(header.sender, used)
     if used + header.size > quota:
         raise RelayError(
             "quota_exceeded", 413,
             f"this device has {used} bytes on the relay not yet acknowledged by their recipients; "
             f"{header.size} more would pass its quota of {quota} bytes",
         )
+    usage.add(header.sender, header.size)
 
 
 async def patch_envelope(request: web.Request) -> web.Response:
@@ -683,22 +714,26 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         receipt = await _existing_receipt(app, row.id, EntryType.SUBMITTED)
         return web.json_response({**_status_json(row), "receipt": receipt}, status=200)
     prefix = signed.prefix
-    part_exists = await blobs.has_part(header.id)
+    part_exists = row is not None and await blobs.has_part(header.id)
     if row is not None and not part_exists and held:
         # The partial blob was lost (a crash before its fsync): start again from 0 (unless
         # the row moved meanwhile: then it is not this request's to reset).
         if await storage.set_received(header.id, 0, held=held, complete=False, now=now):
             raise RelayError("offset_mismatch", 409, "the relay holds 0 bytes of this upload", offset=0)
         raise _raced()
-    upload = await blobs.open_upload(header.id, prefix, new=row is None or not part_exists)
+    # A small new envelope is kept in memory until its request ends: whole, it goes into its
+    # row (no file to write and fsync); cut short, into the blob store as any upload part.
+    kept = bytearray() if row is None and start == 0 and header.size <= INLINE_MAX else None
+    upload = None if kept is not None else await blobs.open_upload(
+        header.id, prefix, new=row is None or not part_exists)
     # The ciphertext is hashed as it streams, across the requests of an upload (kept in
     # memory between them); after a restart or an error the part is re-read at the end.
     running = app[UPLOAD_HASHES]
-    kept = running.pop(header.id, None)
+    resumed = running.pop(header.id, None)
     if row is None:
         ct_hash = hashlib.sha256() if start == 0 else None
     else:
-        ct_hash = kept[1] if kept is not None and kept[0] == held else None
+        ct_hash = resumed[1] if resumed is not None and resumed[0] == held else None
     pos = start
     body_ok = False  # the request's bytes matched their Content-Digest
     try:
@@ -710,7 +745,11 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                     raise DecodeError("more ciphertext than the envelope header's size")  # noqa: TRY301
                 if end > held:
                     skip = max(0, held - pos)
-                    await upload.write(len(prefix) + pos + skip, memoryview(data)[skip:])
+                    if upload is None:
+                        assert kept is not None
+                        kept += memoryview(data)[skip:]
+                    else:
+                        await upload.write(len(prefix) + pos + skip, memoryview(data)[skip:])
                     if ct_hash is not None:
                         ct_hash.update(memoryview(data)[skip:])
                 pos = end
@@ -721,7 +760,14 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         _check_digest(request, body)
         body_ok = True
         complete = pos == header.size
-        if complete:
+        if upload is None and not complete:
+            assert kept is not None
+            upload = await blobs.open_upload(header.id, prefix, new=True)
+            await upload.write(len(prefix), memoryview(kept))
+        if upload is None:
+            assert ct_hash is not None
+            _check_ciphertext_hash(ct_hash.digest(), header)
+        elif complete:
             if ct_hash is None:
                 await upload.sync()  # every byte in the store, where it is re-read
             digest = ct_hash.digest() if ct_hash is not None else await blobs.part_sha256(header.id, len(prefix))
@@ -732,7 +778,8 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             if ct_hash is not None and len(running) < _MAX_RUNNING_HASHES:
                 running[header.id] = (pos, ct_hash)
     except BaseException as e:
-        await upload.close()
+        if upload is not None:
+            await upload.close()
         if row is None:
             # Nothing committed yet, and the envelope lock held: the part is this request's.
             await blobs.delete(header.id)
@@ -740,18 +787,21 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             # The whole ciphertext is wrong somewhere: nothing can be resumed, discard it.
             # (A body damaged in transit, refused by its Content-Digest, only loses its own bytes.)
             await storage.discard_upload(header.id)
+            app[LIMITS].quota.forget(header.sender)
             await blobs.delete(header.id)
         else:
             await blobs.truncate(header.id, len(prefix) + held)
         raise
-    await upload.close()
+    inline = bytes(kept) if upload is None and kept is not None else None
+    if upload is not None:
+        await upload.close()
 
     async def record(tx: Tx | None = None) -> None:
         if row is None:
             done = await storage.create_envelope(
                 envelope_id=header.id, sender=header.sender, prefix=prefix,
                 envelope_hash=signed.envelope_hash, size=header.size, created=header.created,
-                expires=header.expires, to=header.to, received=pos, now=now, tx=tx,
+                expires=header.expires, to=header.to, received=pos, now=now, inline=inline, tx=tx,
             )
         else:
             done = await storage.set_received(header.id, pos, held=held, complete=complete, now=now, tx=tx)
@@ -769,8 +819,14 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                             envelope_hash=signed.envelope_hash, device_id=header.sender,
                             signature=signed.signature)
 
+        # A new envelope whole in this request (the usual small one) is written with the
+        # other new envelopes of its batch, a few statements for them all.
+        together = None if row is not None else Together(storage.envelopes_steps, {
+            "envelope_id": header.id, "sender": header.sender, "prefix": prefix,
+            "envelope_hash": signed.envelope_hash, "size": header.size, "created": header.created,
+            "expires": header.expires, "to": header.to, "received": pos, "now": now, "inline": inline})
         try:
-            appended = await app[LOG].append(entry, record, envelope_id=header.id)
+            appended = await app[LOG].append(entry, record, envelope_id=header.id, together=together)
         except _Raced:
             return await _after_race(request, header.id, prefix)
         except Exception:
@@ -783,7 +839,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             elif (current := await storage.envelope(header.id)) is None or current.state != "stored":
                 await blobs.uncommit(header.id)  # never a blob whose row says stored (logged)
             raise
-        receipt = await app[LOG].receipt(appended)
+        receipt = app[LOG].receipt(appended)
         log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to),
                  leaf=appended.index)
     else:

@@ -236,6 +236,15 @@ class Relay:
         h = envelope_id.hex()
         return self.blobs / h[:2] / h
 
+    def stored_blob(self, envelope_id: bytes) -> bytes | None:
+        """An envelope's blob (prefix and ciphertext) where the relay keeps it: in its row
+        (a small one, whole in one request) or in the blob folder; None if neither."""
+        rows = self.query("SELECT prefix, inline FROM envelopes WHERE id = ? AND inline IS NOT NULL", (envelope_id,))
+        if rows:
+            return bytes(rows[0][0]) + bytes(rows[0][1])
+        path = self.blob_path(envelope_id)
+        return path.read_bytes() if path.is_file() else None
+
     def blob_files(self) -> list[Path]:
         """Every file under the blob folder (final blobs and parts)."""
         return sorted(p for p in self.blobs.rglob("*") if p.is_file())

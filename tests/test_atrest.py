@@ -187,7 +187,7 @@ async def _flows(relay: Relay, tmp: Path) -> tuple[list[Device], list[bytes]]:
     await core.open_envelope(derm.home, derm.keys, sent.envelope_id)
     rep = await core.reply(derm.home, derm.keys, sent.envelope_id, **message("avis", ANSWER), files=[report])
     await core.open_envelope(gp.home, gp.keys, rep.envelope_id)
-    assert relay.blob_path(bytes.fromhex(rep.envelope_id)).is_file()
+    assert relay.stored_blob(bytes.fromhex(rep.envelope_id)) is not None
 
     # Another request stays in the inbox; a third expires and is purged.
     waiting = await core.send(gp.home, gp.keys, to=[DERM], **message("request", QUESTION), files=[letter])
@@ -195,7 +195,7 @@ async def _flows(relay: Relay, tmp: Path) -> tuple[list[Device], list[bytes]]:
                             lifetime=120)
     relay.clock.advance(121)
     await purge_once(relay.app)
-    assert not relay.blob_path(bytes.fromhex(short.envelope_id)).exists()
+    assert relay.stored_blob(bytes.fromhex(short.envelope_id)) is None
 
     # The laptop is stolen: revoked with the operator's command, then refused.
     cli_output = await _revoke_with_the_cli(relay, laptop)
@@ -236,7 +236,9 @@ async def test_no_plaintext_identifier_or_private_key_at_rest_after_every_flow(
         access.setLevel(access_level)
     names = {where for where, _ in haystacks}
     assert {"relay.sqlite3", "relay.sqlite3-wal", "relay.sqlite3-shm", "log.key"} <= names
-    assert sum(1 for n in names if n.startswith("blobs/") and not n.startswith("blobs/incoming")) == 3
+    files = sum(1 for n in names if n.startswith("blobs/") and not n.startswith("blobs/incoming"))
+    inline = relay.query("SELECT COUNT(*) FROM envelopes WHERE inline IS NOT NULL")[0][0]
+    assert (files, inline) == (1, 2)  # the photo case in the blob folder, two small ones in their rows
     relay_log = logs.getvalue()
     assert relay_log.count('"event": "request"') > 40  # the relay's own lines were captured
     assert '"status": 413' in relay_log

@@ -38,11 +38,12 @@ def test_the_chunk_table_migration_applies_once_on_a_version_1_database(pg_empty
     assert asyncio.run(_migrate_to_1(pg_empty_dsn)) == [1]
     # An older relay's database: this relay refuses it until migrated, then migrates only 2.
     r = CliRunner().invoke(cli, ["serve", "--database", pg_empty_dsn, "--listen", "127.0.0.1:0"])
-    assert "schema version 1, this relay needs 2: run `pli-relay migrate`" in r.output
+    assert "schema version 1, this relay needs 3: run `pli-relay migrate`" in r.output
     r = CliRunner().invoke(cli, ["migrate", "--database", pg_empty_dsn])
     assert r.exit_code == 0, r.output
     assert "applied migration 1" not in r.output
     assert "applied migration 2 (blob_chunks)" in r.output
+    assert "applied migration 3 (inline_envelopes)" in r.output
     r = CliRunner().invoke(cli, ["migrate", "--database", pg_empty_dsn])
     assert "applied" not in r.output
     assert asyncio.run(_chunk_rows(pg_empty_dsn)) == [(0,)]

@@ -36,6 +36,7 @@ from relay.backup import BackupError, backup_sqlite, check_members, check_restor
 from relay.config import ConfigError, RelayConfig, load_config_sources
 from relay.metrics import METRICS
 from relay.ops import READY_CACHE, client_from_forwarded, config_reference, effective_config, mask
+from relay.routes import INLINE_MAX
 from tools.case_samples import request_body
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -489,8 +490,8 @@ async def test_stats_and_purge(relay_factory: RelayFactory) -> None:
     assert run.code == 0, run.err
     assert "Purged 1 envelopes" in run.out
     assert "1 expired" in run.out
-    assert not relay.blob_path(short).exists()
-    assert relay.blob_path(kept).exists()
+    assert relay.stored_blob(short) is None
+    assert relay.stored_blob(kept) is not None
     s = json.loads((await cli("stats", "--data", relay.data, "--json")).out)
     assert s["envelopes"]["deleted"]["count"] == 1
 
@@ -512,8 +513,8 @@ async def test_backup_of_a_running_relay_restores_the_same_envelopes_and_log(
     assert gp.home is not None
     photo = tmp_path / "photo.bin"
     sent = []
-    for i in range(3):
-        photo.write_bytes(os.urandom(50_000 + i))
+    for size in (50_000, 50_001, 100_000):  # two kept in their rows (small), one in the blob folder
+        photo.write_bytes(os.urandom(size))
         sent.append(await core.send(gp.home, gp.keys, to=[DERM], kind="request",
                                     body=request_body(requis_rpps=DERM), files=[photo]))
     originals = {}
@@ -533,7 +534,8 @@ async def test_backup_of_a_running_relay_restores_the_same_envelopes_and_log(
         names = set(tar.getnames())
         assert tar.getmember("log.key").mode == 0o600
     assert {"manifest.json", "relay.sqlite3", "log.key"} <= names
-    assert sum(n.startswith("blobs/") for n in names) == 3
+    assert sum(n.startswith("blobs/") for n in names) == 1
+    assert old.query("SELECT COUNT(*) FROM envelopes WHERE inline IS NOT NULL") == [(2,)]
     assert (await old.get(derm.keys, "/v1/inbox")).status == 200  # still serving
     assert_clean_failure(await cli("backup", "--data", old.data, "--to", backup), "exists")
 
@@ -584,7 +586,7 @@ async def test_backup_file_is_private_and_restore_needs_no_extraction_filter(
     tmp_path: Path, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
-    ct = os.urandom(3000)
+    ct = os.urandom(INLINE_MAX + 1)  # in the blob folder, so in the backup's blobs/
     eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
     assert (await relay.put(gp.keys, eid, prefix + ct)).status == 201
     backup = tmp_path / "b.tar"
@@ -611,7 +613,7 @@ async def test_backup_file_is_private_and_restore_needs_no_extraction_filter(
     assert {name for name, mode in modes.items() if (new / name).is_file() and mode != 0o600} == set()
     assert "blobs/incoming" in modes
     h = eid.hex()
-    assert (new / "blobs" / h[:2] / h).read_bytes() == relay.blob_path(eid).read_bytes()
+    assert (new / "blobs" / h[:2] / h).read_bytes() == relay.stored_blob(eid)
     assert (new / "log.key").read_bytes() == (relay.data / "log.key").read_bytes()
     size, gone = await check_restored(RelayConfig(data=new), manifest)
     assert (size, gone) == (manifest["log_size"], [])
@@ -683,7 +685,7 @@ async def test_backup_of_a_running_postgresql_relay_restores_the_same_envelopes_
 
     async def submissions_meanwhile() -> int:
         for _ in range(4):
-            ct = os.urandom(20_000)
+            ct = os.urandom(INLINE_MAX + 1)  # in the blob store, like the three before
             eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=old.clock())
             assert (await old.put(gp.keys, eid, prefix + ct)).status == 201
         return 4

@@ -287,7 +287,7 @@ async def test_digest_mismatch_on_patch_keeps_the_offset(world: World) -> None:
     assert part.stat().st_size == size_before
     r = await relay.patch(world.gp.keys, world.eid, 1000, world.ct[1000:])
     assert r.status == 201
-    assert relay.blob_path(world.eid).read_bytes() == world.prefix + world.ct
+    assert relay.stored_blob(world.eid) == world.prefix + world.ct
 
 
 async def test_digest_mismatch_on_the_completing_patch_keeps_the_upload(world: World) -> None:
@@ -302,7 +302,7 @@ async def test_digest_mismatch_on_the_completing_patch_keeps_the_upload(world: W
     [part] = relay.incoming_files()
     assert part.stat().st_size == len(world.prefix) + 1000
     assert (await relay.patch(world.gp.keys, world.eid, 1000, rest)).status == 201
-    assert relay.blob_path(world.eid).read_bytes() == world.prefix + world.ct
+    assert relay.stored_blob(world.eid) == world.prefix + world.ct
 
 
 async def test_digest_mismatch_on_ack_does_not_acknowledge(relay: Relay) -> None:
@@ -314,7 +314,7 @@ async def test_digest_mismatch_on_ack_does_not_acknowledge(relay: Relay) -> None
     reply = await relay.signed(derm.keys, "POST", f"/v1/envelopes/{eid.hex()}/ack", b"", digest_of=b"{}")
     assert_problem(reply, 400, "digest_mismatch")
     assert relay.query("SELECT acked_at FROM deliveries") == [(None,)]
-    assert relay.blob_path(eid).is_file()
+    assert relay.stored_blob(eid) is not None
 
 
 # -- visibility between practitioners --------------------------------------------------------

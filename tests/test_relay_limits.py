@@ -47,7 +47,7 @@ from protocol.keys import DeviceKeys
 from relay.app import LIMITS, create_app
 from relay.config import ConfigError, RelayConfig, load_config
 from relay.errors import STORAGE_RETRY_AFTER
-from relay.limits import Listener, listen
+from relay.limits import Listener, QuotaUsage, listen
 from relay.routes import ENVELOPE_TYPE
 
 # -- a relay served as in production, with an injected monotonic clock -------------------------
@@ -591,3 +591,28 @@ def test_limit_settings_have_defaults_a_toml_key_and_an_environment_variable(tmp
     for name in ("rate_burst", "max_uploads_per_device", "min_body_rate"):
         with pytest.raises(ConfigError, match=name):
             load_config(env={f"PLI_RELAY_{name.upper()}": "0"})
+
+
+def test_quota_usage_is_read_once_a_second_and_errs_only_upwards() -> None:
+    now = [100.0]
+    usage = QuotaUsage(lambda: now[0], ttl=1.0, most=3)
+    sender = b"s" * 16
+    assert usage.get(sender) is None  # never read: the caller sums it in the database
+    usage.set(sender, 1000)
+    usage.add(sender, 500)  # accepted since: counted at once
+    assert usage.get(sender) == 1500
+    now[0] += 0.99
+    assert usage.get(sender) == 1500
+    now[0] += 0.01
+    assert usage.get(sender) is None  # a second old: read again
+    usage.set(sender, 200)
+    usage.forget(sender)  # an acknowledgement freed room: read again at the next submission
+    assert usage.get(sender) is None
+    usage.add(sender, 10)  # nothing to add to: stays unknown, never a made-up count
+    assert usage.get(sender) is None
+    for i in range(4):  # bounded: past `most` senders, every count is read again
+        usage.set(bytes([i]) * 16, i)
+    assert usage.get(bytes([0]) * 16) is None
+    assert usage.get(bytes([3]) * 16) == 3
+    usage.forget()
+    assert usage.get(bytes([3]) * 16) is None

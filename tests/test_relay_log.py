@@ -48,7 +48,7 @@ from protocol.keys import DeviceKeys
 from protocol.logentry import EntryType, LogEntry, sign_answered, sign_read
 from protocol.note import Checkpoint, TlogProof, Verifier, open_checkpoint
 from relay.app import LOG
-from relay.log import Appended, LogIntegrityError, Skip, TransparencyLog, open_log
+from relay.log import Appended, LogIntegrityError, Skip, Together, TransparencyLog, _batch_proofs, open_log
 from relay.logroutes import MAX_ENTRIES
 from relay.storage import Storage
 from tools.case_samples import answer_body, request_body
@@ -1247,3 +1247,74 @@ async def test_high_water_mark_that_cannot_be_written_loses_no_logged_upload(
     got = await relay.get(derm.keys, f"/v1/envelopes/{eid.hex()}")
     assert got.status == 200
     assert got.body == prefix + ct
+
+
+# -- batches: many new envelopes in a few statements, proofs from memory ------------------------
+
+
+@pytest.mark.parametrize("before", [0, 1, 2, 3, 5, 8, 13, 31, 64, 100])
+def test_batch_proofs_from_memory_are_the_stored_trees_proofs(before: int) -> None:
+    leaves = [merkle.leaf_hash(b"leaf %d" % i) for i in range(before + 40)]
+    rng, store = merkle.CompactRange(), {}
+    for h in leaves[:before]:
+        store.update({(n.level, n.index): n.hash for n in rng.append(h)})
+    for k in (1, 2, 7, 40):
+        grown, nodes = rng.copy(), []
+        for h in leaves[before:before + k]:
+            nodes += [(n.level, n.index, n.hash) for n in grown.append(h)]
+        full = {**store, **{(level, idx): h for level, idx, h in nodes}}
+        get = merkle.range_hasher(lambda level, idx: full[(level, idx)])  # noqa: B023
+        indices = list(range(before, before + k))
+        proofs = _batch_proofs(rng, nodes, grown.size, indices)  # without the old store
+        assert proofs == [tuple(merkle.inclusion_proof(i, grown.size, get)) for i in indices]
+        for i, proof in zip(indices, proofs, strict=True):
+            merkle.verify_inclusion(leaves[i], i, grown.size, proof, grown.root())
+
+
+async def test_a_bulk_write_the_database_refuses_falls_back_to_one_by_one(relay: Relay) -> None:
+    # Three items written together; the third repeats the first's key, so the bulk insert
+    # fails as a whole and is rolled back: each then runs its own action under its own
+    # savepoint, the first two are logged and the third alone is refused.
+    tlog = relay.app[LOG]
+
+    def steps(_tx: object, keys: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+        return [("INSERT INTO meta (key, value) VALUES (?, ?)", [(k, "bulk") for k in keys])]
+
+    def item(i: int, key: str) -> Awaitable[Appended]:
+        async def action(tx: Any) -> None:
+            await tx.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, "alone"))
+
+        return tlog.append(delivered(1000 + i), action, together=Together(steps, key))
+
+    batches, size = tlog.batches, (await tlog.checkpoint())[0]
+    got = await asyncio.gather(item(0, "k1"), item(1, "k2"), item(2, "k1"), return_exceptions=True)
+    assert tlog.batches == batches + 1
+    assert [type(g).__name__ for g in got] == ["Appended", "Appended", "IntegrityError"]
+    assert relay.query("SELECT key, value FROM meta WHERE key IN ('k1', 'k2') ORDER BY key") == [
+        ("k1", "alone"), ("k2", "alone")]
+    assert [a.index for a in got if isinstance(a, Appended)] == [size, size + 1]
+    assert (await tlog.checkpoint())[0] == size + 2
+    who = await auditor(relay)
+    for a in got:
+        if isinstance(a, Appended):
+            who.check_receipt(tlog.receipt(a))
+
+
+async def test_bulk_written_submissions_get_receipts_that_verify(relay_factory: RelayFactory) -> None:
+    # Many new envelopes in one batch take the bulk path: one statement per table, the
+    # nodes and the checkpoint with them, proofs computed in memory.
+    relay = await relay_factory(group_commit_ms=50)
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    who = await auditor(relay)
+    batches = relay.app[LOG].batches
+    cts = [os.urandom(700 + i) for i in range(12)]
+    made = [(*make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock()), ct) for ct in cts]
+    replies = await asyncio.gather(*(relay.put(gp.keys, eid, prefix + ct) for eid, prefix, ct in made))
+    assert [r.status for r in replies] == [201] * 12
+    assert relay.app[LOG].batches - batches <= 2
+    for r in replies:
+        entry, _ = who.check_receipt(r.json()["receipt"])
+        assert entry.type == EntryType.SUBMITTED
+    assert relay.query("SELECT COUNT(*) FROM envelopes WHERE state = 'stored' AND inline IS NOT NULL") == [(12,)]
+    assert relay.query("SELECT COUNT(*) FROM deliveries") == [(12,)]
+

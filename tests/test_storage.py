@@ -145,6 +145,18 @@ async def test_a_nonce_is_accepted_once_until_purged(storage: Storage) -> None:
     assert await storage.use_nonce(device, "n1", expires=NOW + 20)
 
 
+async def test_nonces_spent_at_once_are_written_together_and_each_is_fresh_once(storage: Storage) -> None:
+    # Requests that arrive together have their nonces written in one statement; a nonce
+    # twice in one group is fresh for the first request only, whatever the order.
+    a, b = os.urandom(16), os.urandom(16)
+    assert await storage.use_nonce(a, "old", expires=NOW + 10)
+    got = await asyncio.gather(*(storage.use_nonce(d, n, expires=NOW + 10) for d, n in (
+        (a, "x"), (b, "x"), (a, "x"), (a, "old"), (b, "y"), (b, "y"))))
+    assert got == [True, True, False, False, True, False]
+    rows = await storage.read_all("SELECT COUNT(*) FROM nonces")
+    assert rows == [(4,)]
+
+
 # -- envelopes ----------------------------------------------------------------------------------
 
 
@@ -294,7 +306,6 @@ def _with_extra(base: tuple[Migration, ...], *extra: Migration) -> tuple[Migrati
     return (*base, *extra)
 
 
-_TWO = Migration(2, "extra table", "CREATE TABLE extra_one (x INTEGER)")
 
 
 def _extra(base: tuple[Migration, ...], n: int) -> Migration:
@@ -362,7 +373,7 @@ async def test_a_migration_out_of_order_is_refused(empty_location: Path | str) -
 
 async def test_a_sqlite_database_from_before_schema_migrations_counts_as_version_1(tmp_path: Path) -> None:
     path = tmp_path / "relay.sqlite3"
-    storage = await Storage.open(path)
+    storage = await Storage.open(path, migrations=mig.SQLITE[:1])
     await storage.close()
     import sqlite3  # noqa: PLC0415
 
@@ -371,12 +382,16 @@ async def test_a_sqlite_database_from_before_schema_migrations_counts_as_version
     db.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')")
     db.commit()
     db.close()
-    storage = await Storage.open(path)
+    storage = await Storage.open(path, migrations=mig.SQLITE[:1])
     assert await storage.schema_version() == 1
     await storage.close()
-    storage = await Storage.open(path, check=False, migrations=(*mig.SQLITE, _TWO))
+    with pytest.raises(SchemaError, match="at schema version 1, this relay needs 2"):
+        await Storage.open(path)
+    storage = await Storage.open(path, check=False)
     assert [m.version for m in await storage.migrate(now=NOW)] == [2]
     assert await storage.read_all("SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    await storage.close()
+    storage = await Storage.open(path)  # up to date: opens
     await storage.close()
 
 
@@ -386,7 +401,8 @@ def test_pli_relay_migrate_command(tmp_path: Path, pg_empty_dsn: str) -> None:
     assert r.exit_code == 0, r.output
     assert "applied migration 1 (initial)" in r.output
     assert "applied migration 2 (blob_chunks)" in r.output
-    assert "postgresql schema at version 2: up to date" in r.output
+    assert "applied migration 3 (inline_envelopes)" in r.output
+    assert "postgresql schema at version 3: up to date" in r.output
     r = runner.invoke(cli, ["migrate", "--data", str(tmp_path), "--database", pg_empty_dsn])
     assert r.exit_code == 0, r.output
     assert "applied" not in r.output
@@ -556,10 +572,23 @@ async def test_relay_upload_in_pieces_resume_range_download_and_purge(
     short = os.urandom(3000)
     sid, sprefix = make_envelope(gp.keys, [derm.device_id], short, now=relay.clock(), expires=relay.clock() + 60)
     assert (await relay.put(gp.keys, sid, sprefix + short)).status == 201
-    assert await relay.app[BLOBS].size(sid) == len(sprefix) + len(short)
+    # Small and whole in one request: kept in its row, not in the blob store; served the same.
+    small = sprefix + short
+    assert await relay.app[BLOBS].size(sid) is None
+    assert relay.stored_blob(sid) == small
+    spath = f"/v1/envelopes/{sid.hex()}"
+    assert (await relay.get(derm.keys, spath)).body == small
+    for rng, start, stop in (("bytes=100-", 100, len(small)), ("bytes=-50", len(small) - 50, len(small)),
+                             ("bytes=10-20", 10, 21), (f"bytes=0-{len(small) + 99}", 0, len(small))):
+        r = await relay.get(derm.keys, spath, headers={"Range": rng})
+        assert (r.status, r.body == small[start:stop]) == (206, True), rng
+        assert r.headers["Content-Range"] == f"bytes {start}-{stop - 1}/{len(small)}"
+    for rng in (f"bytes={len(small)}-", "bytes=abc", "bytes=10-5"):
+        assert_problem(await relay.get(derm.keys, spath, headers={"Range": rng}), 416)
     relay.clock.advance(61)
     await purge_once(relay.app)
-    assert await relay.app[BLOBS].size(sid) is None
+    assert relay.stored_blob(sid) is None
+    assert relay.query("SELECT state, inline FROM envelopes WHERE id = ?", (sid,)) == [("deleted", None)]
 
 
 # -- the relay's own flows, on PostgreSQL -------------------------------------------------------------

@@ -8,7 +8,7 @@ the ``database`` setting; schema migrations in ``migrations``.
 from __future__ import annotations
 
 from relay.config import RelayConfig
-from relay.storage._base import Device, EnvelopeRow, Practitioner, Storage, Tx, code_hash, normalise_code
+from relay.storage._base import Device, EnvelopeRow, Practitioner, Step, Storage, Tx, code_hash, normalise_code
 from relay.storage.migrations import Migration, NoRelayDataError, SchemaError
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "NoRelayDataError",
     "Practitioner",
     "SchemaError",
+    "Step",
     "Storage",
     "Tx",
     "code_hash",

@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from protocol.envelope import MAX_RECIPIENTS
 from relay.errors import RelayError
 from relay.storage.migrations import Migration, SchemaError
 
-__all__ = ["Device", "EnvelopeRow", "Practitioner", "Storage", "Tx", "code_hash", "normalise_code"]
+__all__ = ["Device", "EnvelopeRow", "Practitioner", "Step", "Storage", "Tx", "code_hash", "normalise_code"]
+
+#: request nonces written in one statement at most (3 parameters each: far below either
+#: engine's limit on parameters)
+NONCE_GROUP = 500
 
 Row = tuple[Any, ...]
 
@@ -91,6 +96,29 @@ class Tx(ABC):
         rows = await self.fetchall(sql, args)
         return rows[0] if rows else None
 
+    async def run_all(self, steps: Sequence[Step], *, savepoint: str | None = None) -> None:
+        """Run each step's statement over its rows, in order: under ``savepoint`` if named,
+        released at the end, or rolled back to (and released) if one fails, whose error
+        comes back. SQLite makes it one trip to its database thread."""
+        if savepoint is not None:
+            await self.execute(f"SAVEPOINT {savepoint}")
+        try:
+            for sql, rows in steps:
+                if rows:
+                    await self.executemany(sql, rows)
+        except BaseException:
+            if savepoint is not None:
+                with contextlib.suppress(Exception):  # never hide the error that caused it
+                    await self.execute(f"ROLLBACK TO {savepoint}")
+                    await self.execute(f"RELEASE {savepoint}")
+            raise
+        if savepoint is not None:
+            await self.execute(f"RELEASE {savepoint}")
+
+
+#: a statement and the rows of parameters it runs over (Tx.run_all)
+Step = tuple[str, Sequence[Sequence[Any]]]
+
 
 class Storage(ABC):
     """The relay's database, on one engine. Open with :meth:`open`."""
@@ -102,6 +130,8 @@ class Storage(ABC):
     def __init__(self) -> None:
         self.migrations = self.MIGRATIONS
         self._mail_waiters: dict[bytes, set[asyncio.Event]] = {}
+        self._nonces: list[tuple[bytes, str, int, asyncio.Future[bool]]] = []
+        self._nonce_writer: asyncio.Task[None] | None = None
 
     @staticmethod
     async def open(
@@ -238,8 +268,13 @@ class Storage(ABC):
 
     async def notify_mail(self, tx: Tx, device_ids: Sequence[bytes]) -> None:
         """Wake the inboxes of ``device_ids`` waiting on any node, once ``tx`` commits."""
+        await tx.run_all(self.mail_steps(tx, device_ids))
+
+    def mail_steps(self, tx: Tx, device_ids: Sequence[bytes]) -> list[Step]:
+        """:meth:`notify_mail` as statements for :meth:`Tx.run_all` (none on one node)."""
         ids = list(device_ids)
         tx.after_commit.append(lambda: self._wake(ids))
+        return []
 
     # -- log ------------------------------------------------------------------------------
 
@@ -368,12 +403,43 @@ class Storage(ABC):
             ) == 1
 
     async def use_nonce(self, device_id: bytes, nonce: str, *, expires: int) -> bool:
-        """Record a request nonce; False if this device used it before (a replay)."""
-        async with self.transaction() as db:
-            return await db.execute(
-                "INSERT INTO nonces (device_id, nonce, expires) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                (device_id, nonce, expires),
-            ) == 1
+        """Record a request nonce; False if this device used it before (a replay).
+
+        Every signed request spends one, so they are written in groups: the nonces that
+        arrive while a group is being written go together in the next one (one
+        transaction, one commit), and each caller learns its own answer.
+        """
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._nonces.append((device_id, nonce, expires, future))
+        if self._nonce_writer is None or self._nonce_writer.done():
+            self._nonce_writer = asyncio.create_task(self._write_nonces())
+        return await future
+
+    async def _write_nonces(self) -> None:
+        while self._nonces:
+            group, self._nonces = self._nonces[:NONCE_GROUP], self._nonces[NONCE_GROUP:]
+            fresh: dict[tuple[bytes, str], int] = {}
+            for device_id, nonce, expires, _ in group:
+                fresh.setdefault((device_id, nonce), expires)  # a second copy in one group is a replay
+            try:
+                values = ", ".join("(?, ?, ?)" for _ in fresh)
+                async with self.transaction() as db:
+                    rows = await db.fetchall(
+                        f"INSERT INTO nonces (device_id, nonce, expires) VALUES {values}"  # noqa: S608 - placeholders only
+                        " ON CONFLICT DO NOTHING RETURNING device_id, nonce",
+                        [v for (d, n), e in fresh.items() for v in (d, n, e)],
+                    )
+            except Exception as e:  # each caller gets the error (a 503); none is lost
+                for *_, future in group:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            new = {(bytes(r[0]), str(r[1])) for r in rows}
+            for device_id, nonce, _, future in group:
+                if not future.done():
+                    key = (device_id, nonce)
+                    future.set_result(key in new)
+                    new.discard(key)  # only the first request with it is fresh
 
     # -- envelopes ----------------------------------------------------------------------
 
@@ -388,6 +454,15 @@ class Storage(ABC):
         )
         return EnvelopeRow(*row) if row else None
 
+    async def inline_blob(self, envelope_id: bytes) -> bytes | None:
+        """The blob (prefix and ciphertext) of a stored envelope kept in its row; None if
+        its ciphertext is in the blob store (or it is not stored)."""
+        row = await self.read_one(
+            "SELECT prefix, inline FROM envelopes WHERE id = ? AND state = 'stored' AND inline IS NOT NULL",
+            (envelope_id,),
+        )
+        return bytes(row[0]) + bytes(row[1]) if row else None
+
     async def create_envelope(
         self,
         *,
@@ -401,18 +476,20 @@ class Storage(ABC):
         to: Iterable[bytes],
         received: int,
         now: int,
+        inline: bytes | None = None,
         tx: Tx | None = None,
     ) -> bool:
         """Insert an envelope and its deliveries in one transaction; False (nothing
-        written) if a row with this id exists already: another request created it."""
+        written) if a row with this id exists already: another request created it.
+        ``inline``: the whole ciphertext of a small envelope, kept in its row."""
         state = "stored" if received == size else "uploading"
         async with self._tx(tx) as db:
             if not await db.execute(
                 "INSERT INTO envelopes (id, sender, prefix, envelope_hash, size, created, expires,"
-                " received, state, started_at, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " received, state, started_at, received_at, inline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT (id) DO NOTHING",
                 (envelope_id, sender, prefix, envelope_hash, size, created, expires, received,
-                 state, now, now if state == "stored" else None),
+                 state, now, now if state == "stored" else None, inline),
             ):
                 return False
             await db.executemany(
@@ -420,6 +497,23 @@ class Storage(ABC):
                 [(envelope_id, d) for d in to],
             )
         return True
+
+    def envelopes_steps(self, tx: Tx, envelopes: list[dict[str, Any]]) -> list[Step]:
+        """:meth:`create_envelope` for many complete envelopes at once (arguments as its
+        keywords, without ``tx``), as a few statements: the log's bulk write for a burst of
+        submissions (``relay.log.Together``). They fail if any id exists (the log then
+        writes the envelopes one by one)."""
+        woken = list(dict.fromkeys(d for e in envelopes for d in e["to"]))
+        return [
+            (("INSERT INTO envelopes (id, sender, prefix, envelope_hash, size, created, expires, received,"
+             " state, started_at, received_at, inline) VALUES (?,?,?,?,?,?,?,?,'stored',?,?,?)"),
+             [(e["envelope_id"], e["sender"], e["prefix"], e["envelope_hash"], e["size"], e["created"],
+               e["expires"], e["received"], e["now"], e["now"], e.get("inline")) for e in envelopes]),
+            ("INSERT INTO deliveries (envelope_id, device_id) VALUES (?, ?)",
+             [(e["envelope_id"], d) for e in envelopes for d in e["to"]]),
+            *(step for i in range(0, len(woken), MAX_RECIPIENTS)
+              for step in self.mail_steps(tx, woken[i:i + MAX_RECIPIENTS])),
+        ]
 
     async def set_received(
         self, envelope_id: bytes, received: int, *, held: int, complete: bool, now: int, tx: Tx | None = None
@@ -507,7 +601,9 @@ class Storage(ABC):
         if not envelope_ids:
             return
         async with self.transaction() as db:
-            await db.executemany("UPDATE envelopes SET state = 'deleted' WHERE id = ?", [(i,) for i in envelope_ids])
+            await db.executemany(
+                "UPDATE envelopes SET state = 'deleted', inline = NULL WHERE id = ?", [(i,) for i in envelope_ids]
+            )
 
     async def purge_nonces(self, *, now: int) -> int:
         async with self.transaction() as db:

@@ -27,7 +27,7 @@ import asyncpg
 import structlog
 
 from relay.storage import migrations as mig
-from relay.storage._base import Row, Storage, Tx
+from relay.storage._base import Row, Step, Storage, Tx
 from relay.storage.migrations import Migration
 
 __all__ = ["PostgresStorage", "pg_sql"]
@@ -233,12 +233,12 @@ class PostgresStorage(Storage):
 
     # -- new mail -------------------------------------------------------------------------
 
-    async def notify_mail(self, tx: Tx, device_ids: Sequence[bytes]) -> None:
+    def mail_steps(self, tx: Tx, device_ids: Sequence[bytes]) -> list[Step]:
         # This node's waiters directly, once committed (even with its listener down);
         # every node's through NOTIFY. At most 64 recipients of 32 hex digits: far below
         # NOTIFY's 8000-byte payload.
-        await super().notify_mail(tx, device_ids)
-        await tx.execute("SELECT pg_notify(?, ?)", (MAIL_CHANNEL, ",".join(d.hex() for d in device_ids)))
+        return [*super().mail_steps(tx, device_ids),
+                ("SELECT pg_notify(?, ?)", [(MAIL_CHANNEL, ",".join(d.hex() for d in device_ids))])]
 
     def _on_mail(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:

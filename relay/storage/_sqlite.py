@@ -12,35 +12,77 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import aiosqlite
 
 from relay.storage import migrations as mig
-from relay.storage._base import Row, Storage, Tx
+from relay.storage._base import Row, Step, Storage, Tx
 from relay.storage.migrations import Migration
 
 __all__ = ["SqliteStorage"]
 
+_T = TypeVar("_T")
+
 
 class _SqliteTx(Tx):
+    """Every call is one trip to the connection's thread (aiosqlite runs any function
+    there through ``Connection._execute``, which its own methods use; the version is
+    pinned in pyproject). Under load, each await is a round trip through a busy event
+    loop that costs far more than the statement, so the transaction's ``BEGIN`` rides
+    with its first statement and ``run_all`` makes one trip of many statements."""
+
     def __init__(self, db: aiosqlite.Connection) -> None:
         super().__init__()
         self._db = db
+        self.begun = False
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        db, begin = self._db, not self.begun
+        self.begun = True
+
+        def run() -> _T:
+            conn = db._conn  # noqa: SLF001 - on the connection's own thread
+            if begin:
+                conn.execute("BEGIN IMMEDIATE")
+            return fn(conn)
+
+        result: _T = await db._execute(run)  # type: ignore[no-untyped-call]  # noqa: SLF001
+        return result
 
     async def execute(self, sql: str, args: Iterable[Any] = ()) -> int:
-        cur = await self._db.execute(sql, tuple(args))
-        return cur.rowcount
+        values = tuple(args)
+        return await self._call(lambda conn: conn.execute(sql, values).rowcount)
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._db.executemany(sql, rows)
+        await self._call(lambda conn: conn.executemany(sql, rows))
 
     async def fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
-        # One call (execute and fetch together): see SqliteStorage.read_all.
-        return list(await self._db.execute_fetchall(sql, tuple(args)))  # type: ignore[arg-type]
+        # Executed and fetched in one call: see SqliteStorage.read_all.
+        values = tuple(args)
+        return await self._call(lambda conn: list(conn.execute(sql, values).fetchall()))
+
+    async def run_all(self, steps: Sequence[Step], *, savepoint: str | None = None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            if savepoint is not None:
+                conn.execute(f"SAVEPOINT {savepoint}")
+            try:
+                for sql, rows in steps:
+                    if rows:
+                        conn.executemany(sql, rows)
+            except BaseException:
+                if savepoint is not None:
+                    with contextlib.suppress(sqlite3.Error):  # never hide the error that caused it
+                        conn.execute(f"ROLLBACK TO {savepoint}")
+                        conn.execute(f"RELEASE {savepoint}")
+                raise
+            if savepoint is not None:
+                conn.execute(f"RELEASE {savepoint}")
+
+        await self._call(run)
 
 
 class SqliteStorage(Storage):
@@ -100,11 +142,11 @@ class SqliteStorage(Storage):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:
         async with self._write_lock:
-            await self._db.execute("BEGIN IMMEDIATE")
-            tx = _SqliteTx(self._db)
+            tx = _SqliteTx(self._db)  # BEGIN IMMEDIATE with its first statement
             try:
                 yield tx
-                await self._db.execute("COMMIT")
+                if tx.begun:
+                    await self._db.execute("COMMIT")
             except BaseException:
                 # On a full disk SQLite may have rolled back already (and a failed COMMIT
                 # leaves the transaction open): roll back only what is still open, and never

@@ -215,6 +215,11 @@ CREATE INDEX blob_chunks_written ON blob_chunks(written)
 """
 
 
+# Small envelopes (whole in one request, at most relay.routes.INLINE_MAX bytes of ciphertext)
+# keep their ciphertext in their row: stored and logged in one commit, no file to fsync.
+_INLINE = "ALTER TABLE envelopes ADD COLUMN inline {}"
+
+
 def refuse_unless_next(applied: list[tuple[int, str]], migration: Migration) -> None:
     current = applied[-1][0] if applied else 0
     if any(v == migration.version for v, _ in applied):
@@ -226,5 +231,12 @@ def refuse_unless_next(applied: list[tuple[int, str]], migration: Migration) -> 
         )
 
 
-SQLITE: tuple[Migration, ...] = (Migration(1, "initial", _SQLITE_1),)
-POSTGRES: tuple[Migration, ...] = (Migration(1, "initial", _POSTGRES_1), Migration(2, "blob_chunks", _POSTGRES_2))
+SQLITE: tuple[Migration, ...] = (
+    Migration(1, "initial", _SQLITE_1),
+    Migration(2, "inline_envelopes", _INLINE.format("BLOB")),
+)
+POSTGRES: tuple[Migration, ...] = (
+    Migration(1, "initial", _POSTGRES_1),
+    Migration(2, "blob_chunks", _POSTGRES_2),
+    Migration(3, "inline_envelopes", _INLINE.format("BYTEA")),
+)
