@@ -6,6 +6,7 @@ JSON; what those bytes mean is checked by ``protocol`` in ``client.core``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -90,7 +91,7 @@ class RelayClient:
         url = self.base.with_path(self.base.path.rstrip("/") + path)
         return url.with_query(query) if query else url
 
-    def _sign(self, method: str, url: URL, body: bytes) -> dict[str, str]:
+    def _sign(self, method: str, url: URL, body: bytes, digest: bytes | None = None) -> dict[str, str]:
         if self._signing is None:
             raise RuntimeError("this client has no device key")
         return httpsig.sign_request(
@@ -98,7 +99,7 @@ class RelayClient:
             authority=httpsig.authority(url.host or "", url.port, url.scheme),
             path=url.raw_path,
             query=url.raw_query_string,
-            content_digest=httpsig.content_digest(hashlib.sha256(body).digest()),
+            content_digest=httpsig.content_digest(digest if digest is not None else hashlib.sha256(body).digest()),
             signing_key=self._signing,
             keyid=self._keyid,
             created=int(time.time()),
@@ -115,9 +116,11 @@ class RelayClient:
         query: dict[str, str] | None = None,
         signed: bool = True,
         ok: tuple[int, ...] = (200, 201),
+        digest: bytes | None = None,
     ) -> Any:
+        """``digest``: the body's SHA-256, when the caller has it already."""
         url = self._url(path, query)
-        headers = self._sign(method, url, body) if signed else {}
+        headers = self._sign(method, url, body, digest) if signed else {}
         if content_type:
             headers["Content-Type"] = content_type
         try:
@@ -228,26 +231,46 @@ class RelayClient:
         where the relay stopped if an earlier attempt was cut."""
         size = ciphertext.stat().st_size
         path = f"/v1/envelopes/{envelope_id.hex()}"
+
+        def piece(offset: int) -> tuple[int, bytes, bytes]:
+            # Its own file handle: one piece may be read (on a thread) while another is sent.
+            with ciphertext.open("rb") as f:
+                f.seek(offset)
+                data = f.read(UPLOAD_CHUNK)
+            return offset, data, hashlib.sha256(data).digest()
+
         with ciphertext.open("rb") as f:
             first = f.read(max(0, UPLOAD_CHUNK - len(prefix)))
-            state: dict[str, Any] = await self._request(
-                "PUT", path, body=prefix + first, content_type=ENVELOPE_TYPE
-            )
+        state: dict[str, Any] = {"complete": False, "offset": len(first)}
+        # The next piece is read and hashed while the relay takes this one (the relay
+        # answers each piece before the next is sent); if the relay asks for another
+        # offset than expected (a retry, a conflict), that read is dropped.
+        ahead = asyncio.ensure_future(asyncio.to_thread(piece, len(first))) if len(first) < size else None
+        try:
+            state = await self._request("PUT", path, body=prefix + first, content_type=ENVELOPE_TYPE)
             while not state["complete"]:
                 offset = int(state["offset"])
                 if progress:
                     progress(offset, size)
-                f.seek(offset)
-                chunk = f.read(UPLOAD_CHUNK)
+                got = await ahead if ahead is not None else None
+                ahead = None
+                if got is None or got[0] != offset:
+                    got = await asyncio.to_thread(piece, offset)
+                _, chunk, digest = got
+                if offset + len(chunk) < size:
+                    ahead = asyncio.ensure_future(asyncio.to_thread(piece, offset + len(chunk)))
                 try:
                     state = await self._request(
                         "PATCH", path, body=chunk, content_type="application/octet-stream",
-                        query={"offset": str(offset)},
+                        query={"offset": str(offset)}, digest=digest,
                     )
                 except RelayProblem as e:
                     if e.code != "offset_mismatch" or "offset" not in e.body:
                         raise
                     state = {"complete": False, "offset": e.body["offset"]}
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # its thread finishes reading on its own; nothing else to undo
         if progress:
             progress(size, size)
         return state

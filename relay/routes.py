@@ -855,8 +855,10 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             else:
                 await blobs.truncate(header.id, len(prefix) + held)
             raise
-    new_row = await storage.envelope(header.id)
-    assert new_row is not None
+    # The row as this request wrote it (under the envelope's lock): no need to read it back.
+    new_row = EnvelopeRow(id=header.id, sender=header.sender, prefix=prefix, envelope_hash=signed.envelope_hash,
+                          size=header.size, created=header.created, expires=header.expires, received=pos,
+                          state="stored" if complete else "uploading", received_at=now if complete else None)
     return web.json_response({**_status_json(new_row), "receipt": receipt}, status=201 if complete else 200)
 
 

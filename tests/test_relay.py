@@ -457,6 +457,27 @@ async def test_client_upload_in_several_requests(relay: Relay, tmp_path: Path) -
     assert relay.incoming_files() == []
 
 
+async def test_client_upload_resumes_past_the_piece_it_read_ahead(relay: Relay, tmp_path: Path) -> None:
+    # The relay already holds more than the first piece (an earlier, cut attempt): the
+    # client's PUT is answered with that offset, so the piece it read ahead (right after
+    # the first) is dropped and the upload goes on from the relay's offset.
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    ct = os.urandom(13 << 20)
+    path = tmp_path / "ct.age"
+    path.write_bytes(ct)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    held = (6 << 20) + 12_345
+    assert (await relay.put(gp.keys, eid, prefix + ct[:1000])).status == 200
+    assert (await relay.patch(gp.keys, eid, 1000, ct[1000:held])).status == 200
+    offsets: list[int] = []
+    async with RelayClient(relay.url, gp.keys) as client:
+        state = await client.upload(eid, prefix, path, progress=lambda done, _total: offsets.append(done))
+    assert (state["complete"], state["offset"]) == (True, len(ct))
+    assert offsets[0] == held
+    assert relay.stored_blob(eid) == prefix + ct
+
+
 async def test_wrong_ciphertext_hash_leaves_nothing(relay: Relay) -> None:
     gp = await relay.enroll(GP)
     derm = await relay.enroll(DERM)
