@@ -184,8 +184,10 @@ def backup_sqlite(data: Path, to: Path, *, now: int) -> dict[str, Any]:
                 check = dst.execute("PRAGMA integrity_check").fetchone()
                 if check is None or check[0] != "ok":
                     raise BackupError(f"the snapshot failed SQLite's integrity check: {check}")
+                # (A database not yet migrated to inline envelopes has them all in the blob folder.)
+                inline = any(r[1] == "inline" for r in dst.execute("PRAGMA table_info(envelopes)"))
                 stored = [(bytes(r[0]), bool(r[1])) for r in dst.execute(
-                    "SELECT id, inline IS NULL FROM envelopes WHERE state = 'stored'")]
+                    f"SELECT id, {'inline IS NULL' if inline else '1'} FROM envelopes WHERE state = 'stored'")]  # noqa: S608
                 origin = dst.execute("SELECT value FROM meta WHERE key = 'log_origin'").fetchone()
                 head = dst.execute("SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1").fetchone()
             finally:
@@ -271,8 +273,11 @@ async def backup_postgres(cfg: RelayConfig, to: Path, *, now: int) -> dict[str, 
                                                                           readonly=True):
             # One snapshot for the manifest's facts, the list of blobs and the dump.
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+            inline = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+                " WHERE table_name = 'envelopes' AND column_name = 'inline' AND table_schema = current_schema())")
             stored = [(bytes(r[0]), bool(r[1])) for r in await conn.fetch(
-                "SELECT id, inline IS NULL FROM envelopes WHERE state = 'stored'")]
+                f"SELECT id, {'inline IS NULL' if inline else 'TRUE'} FROM envelopes WHERE state = 'stored'")]  # noqa: S608
             origin = await conn.fetchval("SELECT value FROM meta WHERE key = 'log_origin'")
             head = await conn.fetchrow("SELECT size, note FROM log_checkpoints ORDER BY size DESC LIMIT 1")
             if cfg.blob_store == "fs" and await conn.fetchval(
@@ -447,9 +452,14 @@ async def check_restored(cfg: RelayConfig, manifest: dict[str, Any]) -> tuple[in
     """Open the restored relay's storage and log as ``serve`` would: the stored tree must
     match its signed checkpoint, and the log be the one the backup recorded. Then mark
     deleted every stored envelope whose ciphertext is not (whole) in the blob store: it
-    was purged while the backup ran. Returns the log's size and those envelopes."""
-    storage = await open_storage(cfg)
+    was purged while the backup ran. Returns the log's size and those envelopes.
+
+    A backup made by an older relay holds an older schema: the restored database is new
+    and this relay's, so it is migrated first (as ``pli-relay migrate`` would)."""
+    storage = await open_storage(cfg, check=False)
     try:
+        await storage.migrate(now=int(time.time()))
+        await storage.check_schema()
         tlog = await open_log(cfg.data, storage, origin="", clock=lambda: int(time.time()), window=0)
         try:
             size = await tlog.size()

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -186,41 +187,68 @@ class QuotaUsage:
     """Each sender's bytes not yet acknowledged, as the quota check counts them.
 
     Summing them is a query over all of a sender's envelopes on the relay, too dear for
-    every submission of a busy sender: it runs at most once every ``ttl`` seconds per
-    sender, and what this node accepts in between is added to it. Acknowledgements and
-    purges on this node drop the sender's count (read again at its next submission);
-    those on another node show within ``ttl``. The count errs only upwards: never a
-    submission over the quota, at worst one refused for ``ttl`` seconds too early.
+    every submission of a busy sender: the sum is read at most once every ``ttl`` seconds
+    per sender. To it is added every new envelope this node let in that the read may have
+    missed: from the check on (:meth:`reserve`), through its request, and after it
+    (:meth:`settle`) until a read that began later counts it from the database. So on one
+    node the count errs only upwards (an envelope may be counted twice, never missed).
+    Acknowledgements and purges on this node drop the read (:meth:`forget`); those on
+    other nodes, like their new envelopes, show at the next read, within ``ttl``.
+    Events are ordered by a counter, not the clock, so ties cannot hide an envelope.
     """
 
     def __init__(self, clock: Clock, ttl: float = 1.0, most: int = 100_000) -> None:
         self._clock = clock
         self._ttl = ttl
         self._most = most
-        self._used: dict[bytes, tuple[float, int]] = {}
+        self._events = 0
+        self._read: dict[bytes, tuple[float, int]] = {}  # sender: (read at, sum)
+        self._let_in: dict[bytes, list[list[float]]] = {}  # sender: [settled as event n (inf: in flight), size]
+
+    def _next(self) -> int:
+        self._events += 1
+        return self._events
 
     def get(self, sender: bytes) -> int | None:
-        seen = self._used.get(sender)
-        if seen is None or self._clock() - seen[0] >= self._ttl:
+        """The sender's count, or None: read the sum (call :meth:`began` first) and :meth:`set` it."""
+        read = self._read.get(sender)
+        if read is None or self._clock() - read[0] >= self._ttl:
             return None
-        return seen[1]
+        return read[1] + int(sum(size for _, size in self._let_in.get(sender, ())))
 
-    def set(self, sender: bytes, used: int) -> None:
-        if len(self._used) >= self._most:
-            self._used.clear()  # bounded whatever the number of senders: they are read again
-        self._used[sender] = (self._clock(), used)
+    def began(self) -> int:
+        """Mark the start of a read (pass it to :meth:`set`)."""
+        return self._next()
 
-    def add(self, sender: bytes, size: int) -> None:
-        seen = self._used.get(sender)
-        if seen is not None:
-            self._used[sender] = (seen[0], seen[1] + size)
+    def set(self, sender: bytes, used: int, began: int) -> None:
+        """The database's sum for ``sender``, from a read that began at ``began``: it counts
+        every envelope settled before, which stop being added."""
+        if len(self._read) >= self._most:
+            self._read.clear()  # bounded whatever the number of senders: they are read again
+            self._let_in = {k: v for k, v in self._let_in.items() if any(n == math.inf for n, _ in v)}
+        self._read[sender] = (self._clock(), used)
+        kept = [e for e in self._let_in.get(sender, ()) if e[0] > began]
+        if kept:
+            self._let_in[sender] = kept
+        else:
+            self._let_in.pop(sender, None)
+
+    def reserve(self, sender: bytes, size: int) -> list[float]:
+        """Count a new envelope let in now; :meth:`settle` it when its request ends."""
+        entry = [math.inf, float(size)]
+        self._let_in.setdefault(sender, []).append(entry)
+        return entry
+
+    def settle(self, entry: list[float]) -> None:
+        """Its request ended (stored or not: counted until the next read either way)."""
+        entry[0] = self._next()
 
     def forget(self, sender: bytes | None = None) -> None:
-        """Drop one sender's count (it freed room), or every count (``None``: a purge)."""
+        """Drop one sender's read (it freed room), or every read (``None``: a purge)."""
         if sender is None:
-            self._used.clear()
+            self._read.clear()
         else:
-            self._used.pop(sender, None)
+            self._read.pop(sender, None)
 
 
 @dataclass

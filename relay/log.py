@@ -212,7 +212,7 @@ class TransparencyLog:
         self._failed: LogIntegrityError | None = None
         self.batches = 0
         #: the last batch's answering (its high-water mark, then its receipts), which
-        #: overlaps the next batch's transaction; each waits for the one before
+        #: overlaps the next batch's transaction until its commit; each waits for the one before
         self._publishing: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------
@@ -285,14 +285,21 @@ class TransparencyLog:
         await self._queue.put(_Pending(make, action, envelope_id, future, together))
         return await future
 
+    async def _next_batch(self) -> list[_Pending]:
+        first = await self._queue.get()
+        if self._window > 0:
+            await asyncio.sleep(self._window)
+        batch = [first]
+        while not self._queue.empty() and len(batch) < MAX_BATCH:
+            batch.append(self._queue.get_nowait())
+        return batch
+
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
-            if self._window > 0:
-                await asyncio.sleep(self._window)
-            batch = [first]
-            while not self._queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._queue.get_nowait())
+            batch = await self._next_batch()
+            if self._failed is not None:  # the answering of an earlier batch found the mark unsound
+                self._stop(batch, self._failed)
+                raise self._failed
             try:
                 try:
                     await self._commit(batch)
@@ -352,6 +359,12 @@ class TransparencyLog:
                     checkpoint = await self._store_checkpoint(tx, rng)
                 assert checkpoint is not None
                 proofs = _batch_proofs(self._range, nodes, rng.size, [index for _, index, _ in done])
+                # Committed only once the batch before has its mark: were the mark found
+                # unsound meanwhile, nothing more is signed (this batch rolls back).
+                if self._publishing is not None:
+                    await self._publishing
+                if self._failed is not None:
+                    raise self._failed
         finally:
             # Only once the transaction is over: a refused caller (Skip) goes on to read its
             # existing receipt through the same connection, and must not see this batch
@@ -417,14 +430,18 @@ class TransparencyLog:
         added: list[tuple[_Pending, int, bytes]] = []
         leaves: list[tuple[int, bytes, bytes | None, int]] = []
         new: list[tuple[int, int, bytes]] = []
-        for p in items:
-            entry = p.make(now)
-            leaf = entry.to_bytes()
-            leaves.append((grown.size, leaf, p.envelope_id, int(entry.type)))
-            added.append((p, grown.size, leaf))
-            new += [(n.level, n.index, n.hash) for n in grown.append(merkle.leaf_hash(leaf))]
-        assert items[0].together is not None
-        steps = items[0].together.steps(tx, [p.together.payload for p in items if p.together is not None])
+        try:
+            for p in items:
+                entry = p.make(now)
+                leaf = entry.to_bytes()
+                leaves.append((grown.size, leaf, p.envelope_id, int(entry.type)))
+                added.append((p, grown.size, leaf))
+                new += [(n.level, n.index, n.hash) for n in grown.append(merkle.leaf_hash(leaf))]
+            assert items[0].together is not None
+            steps = items[0].together.steps(tx, [p.together.payload for p in items if p.together is not None])
+        except Exception as e:  # one item's own error: each goes alone, and that one is refused
+            log.info("log_together_refused", items=len(items), error=str(e))
+            return None
         steps += [
             ("INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)", leaves),
             ("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", new),

@@ -593,26 +593,33 @@ async def _put_envelope(request: web.Request) -> web.Response:
             raise RelayError("envelope_conflict", 409, "this envelope id is taken by other content")
         if row is None:
             await _check_recipients(request, header)
-            await _check_quota(request, header)
+            reserved = await _check_quota(request, header)
+            try:
+                return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)
+            finally:
+                request.app[LIMITS].quota.settle(reserved)
         return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)
 
 
-async def _check_quota(request: web.Request, header: EnvelopeHeader) -> None:
+async def _check_quota(request: web.Request, header: EnvelopeHeader) -> list[float]:
     """A new envelope must fit in its sender's quota of bytes not yet acknowledged. No
     Retry-After: room comes back when recipients acknowledge, which no clock predicts."""
     quota = request.app[CONFIG].device_quota
     usage = request.app[LIMITS].quota
     used = usage.get(header.sender)
     if used is None:
-        used = await request.app[STORAGE].unacknowledged_bytes(header.sender, now=request.app[CLOCK]())
-        usage.set(header.sender, used)
+        began = usage.began()
+        read = await request.app[STORAGE].unacknowledged_bytes(header.sender, now=request.app[CLOCK]())
+        usage.set(header.sender, read, began)
+        used = usage.get(header.sender)
+        assert used is not None
     if used + header.size > quota:
         raise RelayError(
             "quota_exceeded", 413,
             f"this device has {used} bytes on the relay not yet acknowledged by their recipients; "
             f"{header.size} more would pass its quota of {quota} bytes",
         )
-    usage.add(header.sender, header.size)
+    return usage.reserve(header.sender, header.size)
 
 
 async def patch_envelope(request: web.Request) -> web.Response:

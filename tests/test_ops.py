@@ -619,6 +619,37 @@ async def test_backup_file_is_private_and_restore_needs_no_extraction_filter(
     assert (size, gone) == (manifest["log_size"], [])
 
 
+async def test_a_backup_from_before_the_last_migration_restores_migrated(
+    tmp_path: Path, relay_factory: RelayFactory
+) -> None:
+    # The backup an upgrade begins with holds the older schema: restoring it with the new
+    # relay migrates the restored database (it is new and the relay's own) and checks it.
+    relay = await relay_factory("old")
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    ct = os.urandom(INLINE_MAX + 1)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix + ct)).status == 201
+    backup_sqlite(relay.data, tmp_path / "now.tar", now=relay.clock())
+    older = tmp_path / "older"
+    restore_sqlite(tmp_path / "now.tar", older)
+    db = sqlite3.connect(older / "relay.sqlite3")  # as the relay before inline envelopes left it
+    db.execute("ALTER TABLE envelopes DROP COLUMN inline")
+    db.execute("DELETE FROM schema_migrations WHERE version = 2")
+    db.commit()
+    db.close()
+    backup_sqlite(older, tmp_path / "older.tar", now=relay.clock())
+
+    run = await cli("restore", "--from", tmp_path / "older.tar", "--data", tmp_path / "new", "--json")
+    assert run.code == 0, run.err
+    db = sqlite3.connect(tmp_path / "new" / "relay.sqlite3")
+    try:
+        assert db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall() == [(1,), (2,)]
+    finally:
+        db.close()
+    new = await relay_factory("new")
+    assert (await new.get(derm.keys, f"/v1/envelopes/{eid.hex()}")).body == prefix + ct
+
+
 def _hostile(kind: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo("log.key")
     if kind == "absolute":

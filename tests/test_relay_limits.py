@@ -598,21 +598,60 @@ def test_quota_usage_is_read_once_a_second_and_errs_only_upwards() -> None:
     usage = QuotaUsage(lambda: now[0], ttl=1.0, most=3)
     sender = b"s" * 16
     assert usage.get(sender) is None  # never read: the caller sums it in the database
-    usage.set(sender, 1000)
-    usage.add(sender, 500)  # accepted since: counted at once
+    began = usage.began()
+    usage.set(sender, 1000, began)
+    a = usage.reserve(sender, 500)  # let in after the read: added from the check on
     assert usage.get(sender) == 1500
-    now[0] += 0.99
+    now[0] += 0.5
+    usage.settle(a)  # its request ended: still added until a read begun later counts it
     assert usage.get(sender) == 1500
-    now[0] += 0.01
+    now[0] += 0.5
     assert usage.get(sender) is None  # a second old: read again
-    usage.set(sender, 200)
+    b = usage.reserve(sender, 300)  # in flight across the read: added whatever the read saw
+    usage.set(sender, 1500, usage.began())  # began after `a` settled: `a` is in it
+    assert usage.get(sender) == 1800
+    usage.settle(b)
     usage.forget(sender)  # an acknowledgement freed room: read again at the next submission
     assert usage.get(sender) is None
-    usage.add(sender, 10)  # nothing to add to: stays unknown, never a made-up count
-    assert usage.get(sender) is None
-    for i in range(4):  # bounded: past `most` senders, every count is read again
-        usage.set(bytes([i]) * 16, i)
+    usage.set(sender, 100, began)  # a read that began before `b` settled: `b` still added
+    assert usage.get(sender) == 400
+    for i in range(4):  # bounded: past `most` senders, every read is read again
+        usage.set(bytes([i]) * 16, i, usage.began())
     assert usage.get(bytes([0]) * 16) is None
     assert usage.get(bytes([3]) * 16) == 3
     usage.forget()
     assert usage.get(bytes([3]) * 16) is None
+
+
+async def test_quota_counts_an_upload_in_flight_across_a_new_read(served: Any) -> None:
+    # A passes the check and stalls; a second later B's check reads the database again,
+    # where A is not yet: A is still counted (this node let it in), and once A is stored
+    # the quota holds, so C is refused.
+    relay: Limited = await served(device_quota=100_000)
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    usage = relay.app[LIMITS].quota
+
+    def envelope(size: int) -> tuple[bytes, bytes]:
+        ct = os.urandom(size)
+        eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+        return eid, prefix + ct
+
+    eid_a, body_a = envelope(60_000)
+    release = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield body_a[:1000]
+        await release.wait()
+        yield body_a[1000:]
+
+    a = asyncio.create_task(relay.put(gp.keys, eid_a, body_a, send_body=stalled()))
+    await _until(lambda: usage.get(gp.device_id) == 60_000, "A let in")
+    relay.ticks.advance(1.0)
+    eid_b, body_b = envelope(30_000)
+    assert (await relay.put(gp.keys, eid_b, body_b)).status == 201
+    release.set()
+    assert (await a).status == 201
+    eid_c, body_c = envelope(20_000)
+    assert_problem(await relay.put(gp.keys, eid_c, body_c), 413, "quota_exceeded")
+    relay.ticks.advance(1.0)  # read again: the database has A and B, still no room for C
+    assert_problem(await relay.put(gp.keys, eid_c, body_c), 413, "quota_exceeded")

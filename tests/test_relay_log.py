@@ -1249,6 +1249,41 @@ async def test_high_water_mark_that_cannot_be_written_loses_no_logged_upload(
     assert got.body == prefix + ct
 
 
+async def test_an_unsound_high_water_mark_stops_the_log_before_the_next_commit(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch's mark is written while the next batch is prepared; found unsound (not a
+    # mark), the next batch is not committed: nothing is signed past the failure.
+    import threading  # noqa: PLC0415
+
+    from relay.log import HighWater  # noqa: PLC0415
+
+    tlog = relay.app[LOG]
+    size = (await tlog.checkpoint())[0]
+    release, writing = threading.Event(), threading.Event()
+
+    def unsound(_self: HighWater, _size: int, _root: bytes) -> None:
+        writing.set()
+        release.wait(10)
+        raise LogIntegrityError("the high-water mark is not one")
+
+    monkeypatch.setattr(HighWater, "write", unsound)
+    a = asyncio.ensure_future(tlog.append(delivered(1)))
+    assert await asyncio.to_thread(writing.wait, 10)  # a's batch committed, its mark being written
+    b = asyncio.ensure_future(tlog.append(delivered(2)))
+    async with asyncio.timeout(10):
+        # Turn by turn, until b's batch holds the write transaction (nothing else writes here).
+        while not relay.storage._write_lock.locked():  # type: ignore[attr-defined]  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    release.set()
+    got = await asyncio.gather(a, b, return_exceptions=True)
+    assert [type(g) for g in got] == [LogIntegrityError, LogIntegrityError]
+    assert relay.query("SELECT MAX(size) FROM log_checkpoints") == [(size + 1,)]  # a only
+    assert relay.query("SELECT COUNT(*) FROM log_leaves") == [(size + 1,)]
+    with pytest.raises(LogIntegrityError):
+        await tlog.append(delivered(3))
+
+
 # -- batches: many new envelopes in a few statements, proofs from memory ------------------------
 
 

@@ -436,10 +436,11 @@ class Storage(ABC):
                 continue
             new = {(bytes(r[0]), str(r[1])) for r in rows}
             for device_id, nonce, _, future in group:
+                key = (device_id, nonce)
+                first = key in new
+                new.discard(key)  # only the first request with it is fresh (even if it went away)
                 if not future.done():
-                    key = (device_id, nonce)
-                    future.set_result(key in new)
-                    new.discard(key)  # only the first request with it is fresh
+                    future.set_result(first)
 
     # -- envelopes ----------------------------------------------------------------------
 

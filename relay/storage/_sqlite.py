@@ -150,10 +150,18 @@ class SqliteStorage(Storage):
             except BaseException:
                 # On a full disk SQLite may have rolled back already (and a failed COMMIT
                 # leaves the transaction open): roll back only what is still open, and never
-                # let a failed rollback hide the error that caused it.
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        await self._db.execute("ROLLBACK")
+                # let a failed rollback hide the error that caused it. Asked on the
+                # connection's thread, after whatever this transaction queued there (a
+                # cancelled first statement still runs, BEGIN with it).
+                db = self._db
+
+                def rollback() -> None:
+                    conn = db._conn  # noqa: SLF001 - on the connection's own thread
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+
+                with contextlib.suppress(sqlite3.Error):
+                    await db._execute(rollback)  # type: ignore[no-untyped-call]  # noqa: SLF001
                 raise
         for fn in tx.after_commit:
             fn()
