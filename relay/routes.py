@@ -556,10 +556,9 @@ def _check_header(request: web.Request, header: EnvelopeHeader, envelope_id: byt
         raise LimitError(f"envelope of {header.size} bytes is over the {cfg.max_envelope}-byte limit")
 
 
-async def _check_recipients(request: web.Request, header: EnvelopeHeader) -> None:
-    storage = request.app[STORAGE]
+def _check_recipients(header: EnvelopeHeader, devices: dict[bytes, Device | None]) -> None:
     for device_id in header.to:
-        d = await storage.device(device_id)
+        d = devices.get(device_id)
         if d is None or d.revoked is not None:
             raise RelayError(
                 "unknown_recipient", 400, f"recipient device {device_id.hex()} is unknown or revoked"
@@ -588,11 +587,11 @@ async def _put_envelope(request: web.Request) -> web.Response:
     header = signed.verify(nacl.signing.VerifyKey(device.sign_key))
     _check_header(request, header, envelope_id)
     async with _upload_lock(request.app, envelope_id):
-        row = await request.app[STORAGE].envelope(envelope_id)
+        row, recipients = await request.app[STORAGE].envelope_and_devices(envelope_id, header.to)
         if row is not None and (row.prefix != signed.prefix or row.sender != device.device_id):
             raise RelayError("envelope_conflict", 409, "this envelope id is taken by other content")
         if row is None:
-            await _check_recipients(request, header)
+            _check_recipients(header, recipients)
             reserved = await _check_quota(request, header)
             try:
                 return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)

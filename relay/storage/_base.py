@@ -175,6 +175,10 @@ class Storage(ABC):
     async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
         """Rows of a read outside any write transaction (only committed data)."""
 
+    async def read_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        """The rows of each query, as :meth:`read_all` (SQLite: in one trip and one snapshot)."""
+        return [await self.read_all(sql, args) for sql, args in queries]
+
     async def read_one(self, sql: str, args: Iterable[Any] = ()) -> Row | None:
         rows = await self.read_all(sql, args)
         return rows[0] if rows else None
@@ -379,6 +383,18 @@ class Storage(ABC):
         return Practitioner(*row) if row else None
 
     _DEV_COLS = "device_id, rpps, sign_key, cert, sig, enrolled, revoked"
+
+    async def envelope_and_devices(
+        self, envelope_id: bytes, device_ids: Sequence[bytes]
+    ) -> tuple[EnvelopeRow | None, dict[bytes, Device | None]]:
+        """:meth:`envelope` and :meth:`device` of each of ``device_ids``, read together (what a
+        new submission checks: its id is free, its recipients are enrolled)."""
+        rows = await self.read_many([
+            (f"SELECT {self._ENV_COLS} FROM envelopes WHERE id = ?", (envelope_id,)),  # noqa: S608 - constant
+            *((f"SELECT {self._DEV_COLS} FROM devices WHERE device_id = ?", (d,)) for d in device_ids),  # noqa: S608
+        ])
+        row = EnvelopeRow(*rows[0][0]) if rows[0] else None
+        return row, {d: Device(*r[0]) if r else None for d, r in zip(device_ids, rows[1:], strict=True)}
 
     async def device(self, device_id: bytes) -> Device | None:
         row = await self.read_one(f"SELECT {self._DEV_COLS} FROM devices WHERE device_id = ?", (device_id,))  # noqa: S608

@@ -175,6 +175,21 @@ class SqliteStorage(Storage):
         """
         return list(await self._reader.execute_fetchall(sql, tuple(args)))  # type: ignore[arg-type]
 
+    async def read_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        # One call on the reader's thread for them all (see _SqliteTx), in one snapshot.
+        reader = self._reader
+
+        def run() -> list[list[Row]]:
+            conn = reader._conn  # noqa: SLF001 - on the connection's own thread
+            conn.execute("BEGIN")
+            try:
+                return [list(conn.execute(sql, tuple(args)).fetchall()) for sql, args in queries]
+            finally:
+                conn.execute("COMMIT")
+
+        result: list[list[Row]] = await reader._execute(run)  # type: ignore[no-untyped-call]  # noqa: SLF001
+        return result
+
     async def log_nodes(self, need: set[tuple[int, int]], tx: Tx | None = None) -> dict[tuple[int, int], bytes]:
         found: dict[tuple[int, int], bytes] = {}
         pairs = sorted(need)
