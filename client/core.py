@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,16 @@ from client import logstate
 from client.api import Progress, RelayClient, unb64
 from client.home import Home, Profile, atomic_write
 from protocol import age, note
-from protocol.bundle import BundleReader, FileEntry, Manifest, Sender, check_file_name, sign_manifest, write_bundle
+from protocol.bundle import (
+    BundleReader,
+    FileEntry,
+    Layout,
+    Manifest,
+    Sender,
+    bundle_layout,
+    check_file_name,
+    sign_manifest,
+)
 from protocol.envelope import MAX_PREFIX, EnvelopeHeader, SignedHeader, seal_header, split_prefix
 from protocol.errors import BundleError, DecodeError, NotARecipientError, PliError
 from protocol.ids import InvalidIdentifier, check_profession, check_rpps
@@ -46,7 +55,6 @@ __all__ = [
 
 DEFAULT_LIFETIME = 30 * 86400
 _COPY = 1 << 20
-_PIECE = 1 << 16  # under glibc's mmap threshold: no fresh pages (page faults) per read
 
 
 class ClientError(PliError):
@@ -100,28 +108,100 @@ def media_type(path: Path) -> str:
     return guessed or "application/octet-stream"
 
 
-def file_entry(path: Path) -> FileEntry:
-    """A file as the manifest lists it: name, media type, size and SHA-256."""
+_CHANGED = "changed while it was being sent"
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What the file system says of a file: if it matches later, the bytes have not changed."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, fd: int) -> _Stamp:
+        st = os.fstat(fd)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# A file changed within this long before it was hashed may change again without its
+# times moving (their granularity is a clock tick on most file systems, 2 s on FAT), so
+# its bytes are hashed again while it is sent; any other file is only re-stamped.
+_RACY_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class _Hashed:
+    """A file hashed for the manifest, with its stamp from just before it was read."""
+
+    entry: FileEntry
+    path: Path
+    stamp: _Stamp
+    racy: bool
+
+
+def _hash_file(path: Path, *, now_ns: int | None = None) -> _Hashed:
+    """Hash ``path`` for the manifest, and stamp it (``_SentFile`` checks the stamp when
+    the file is sent); ``now_ns`` (the wall clock by default) is when.
+
+    Raises:
+        BundleError: the file changed size while it was hashed.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
     h = hashlib.sha256()
     size = 0
-    buf = bytearray(_COPY)
+    buf = _hash_buffer()
     view = memoryview(buf)
     with path.open("rb", buffering=0) as f:
+        stamp = _Stamp.of(f.fileno())
         while n := f.readinto(buf):
             h.update(view[:n])  # hashlib releases the GIL: files hash in parallel on threads
             size += n
     check_file_name(path.name)
-    return FileEntry(name=path.name, media_type=media_type(path), size=size, sha256=h.digest())
+    entry = FileEntry(name=path.name, media_type=media_type(path), size=size, sha256=h.digest())
+    if size != stamp.size:
+        raise BundleError(f"file {path.name!r} {_CHANGED}")
+    return _Hashed(entry, path, stamp, racy=max(stamp.mtime_ns, stamp.ctime_ns) > now_ns - _RACY_NS)
+
+
+_local = threading.local()
+
+
+def _hash_buffer() -> bytearray:
+    """This thread's read buffer: one per thread, not one per file (fresh pages cost faults)."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(_COPY)
+    return buf
+
+
+def _hash_files(paths: list[Path]) -> list[_Hashed]:
+    """Hash files for a manifest, two at a time (one per core): a gigabyte takes half as long."""
+    if len(paths) < 2:
+        return [_hash_file(p) for p in paths]
+    with ThreadPoolExecutor(2, thread_name_prefix="pli-hash") as pool:
+        return list(pool.map(_hash_file, paths))
+
+
+def file_entry(path: Path) -> FileEntry:
+    """A file as the manifest lists it: name, media type, size and SHA-256."""
+    return _hash_file(path).entry
 
 
 class _Channel:
     """A bounded pipe between two threads: one ``write``s, the other ``read``s.
 
-    It lets the bundle's tar be produced (or consumed) on one thread while age
-    encryption (or decryption) runs on another, so hashing, ChaCha20-Poly1305 and file
-    I/O use both cores. At most ``limit`` bytes wait in it. The writer ends it with
-    ``close(error)``: the reader gets every byte written, then ``error`` (if any); the
-    reader ends it early with ``cancel()``, after which ``write`` raises.
+    It carries the decrypted bundle from the thread that decrypts it to the one that
+    parses it, in the pieces they were decrypted in (one age chunk each), so hashing,
+    ChaCha20-Poly1305 and file I/O use both cores. The writer waits while ``limit``
+    bytes wait in it (the reader takes them all at once: at most about twice ``limit``
+    are in memory). The writer ends it with ``close(error)``: the reader gets every byte written, then
+    ``error`` (if any); the reader ends it early with ``cancel()``, after which
+    ``write`` raises. ``read(n)`` returns at most one piece (fewer than ``n`` bytes is
+    not the end; ``b""`` is), and takes every waiting piece at once, to lock less.
     """
 
     def __init__(self, limit: int = 8 << 20) -> None:
@@ -132,22 +212,26 @@ class _Channel:
         self._closed = False
         self._cancelled = False
         self._error: BaseException | None = None
+        self._mine: deque[bytes] = deque()  # the reader's pieces, taken out of _items
         self._head = b""
         self._pos = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         item = data if type(data) is bytes else bytes(data)
-        if not item:
-            return 0
+        if item:
+            self.write_many([item])
+        return len(item)
+
+    def write_many(self, items: list[bytes]) -> None:
+        size = sum(map(len, items))
         with self._cond:
             while self._queued >= self._limit and not self._cancelled:
                 self._cond.wait()
             if self._cancelled:
                 raise _CancelledError
-            self._items.append(item)
-            self._queued += len(item)
+            self._items.extend(items)
+            self._queued += size
             self._cond.notify()
-        return len(item)
 
     def close(self, error: BaseException | None = None) -> None:
         with self._cond:
@@ -162,43 +246,31 @@ class _Channel:
             self._cond.notify_all()
 
     def _take(self) -> bytes | None:
-        with self._cond:
-            while not self._items and not self._closed:
-                self._cond.wait()
-            if self._items:
-                item = self._items.popleft()
-                self._queued -= len(item)
+        if not self._mine:
+            with self._cond:
+                while not self._items and not self._closed:
+                    self._cond.wait()
+                if not self._items:
+                    if self._error is not None:
+                        raise self._error
+                    return None
+                self._mine, self._items = self._items, self._mine
+                self._queued = 0
                 self._cond.notify()
-                return item
-            if self._error is not None:
-                raise self._error
-            return None
+        return self._mine.popleft()
 
     def read(self, n: int = -1) -> bytes:
-        parts: list[bytes] = []
-        want = n
-        try:
-            while want:
-                avail = len(self._head) - self._pos
-                if not avail:
-                    item = self._take()
-                    if item is None:
-                        break
-                    self._head, self._pos = item, 0
-                    continue
-                take = avail if want < 0 else min(want, avail)
-                if self._pos == 0 and take == avail:
-                    parts.append(self._head)  # a whole item: no copy
-                    self._head = b""
-                else:
-                    parts.append(self._head[self._pos : self._pos + take])
-                    self._pos += take
-                if want > 0:
-                    want -= take
-        except BaseException:
-            if not parts:
-                raise  # else the error comes again on the next read, after these bytes
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if self._pos == len(self._head):
+            item = self._take()
+            if item is None:
+                return b""
+            self._head, self._pos = item, 0
+        if n < 0 or (self._pos == 0 and n >= len(self._head)):
+            data = self._head[self._pos :]  # a whole piece: no copy
+        else:
+            data = self._head[self._pos : self._pos + n]
+        self._pos += len(data)
+        return data
 
 
 class _CancelledError(Exception):
@@ -326,7 +398,8 @@ async def send(
     for f in files:
         if not f.is_file():
             raise ClientError(f"{f}: no such file")
-    entries = await asyncio.to_thread(lambda: [file_entry(f) for f in files])
+    hashed = await asyncio.to_thread(_hash_files, files)
+    entries = [h.entry for h in hashed]
     if len({e.name.casefold() for e in entries}) != len(entries):
         raise ClientError("two attachments have the same name; rename one")
     async with _relay(home, profile, keys, relay) as r:
@@ -361,9 +434,7 @@ async def send(
         age_recipients = [by_id[i].recipient for i in recipient_ids] + [me.recipient]
         home.envelopes.mkdir(parents=True, exist_ok=True)
         ct_path = home.envelopes / f"{envelope_id.hex()}.age"
-        size, digest = await asyncio.to_thread(
-            _encrypt_bundle, ct_path, age_recipients, raw, sig, list(zip(entries, files, strict=True))
-        )
+        size, digest = await asyncio.to_thread(_encrypt_bundle, ct_path, age_recipients, raw, sig, hashed)
         header = EnvelopeHeader(
             id=envelope_id, sender=me.device_id, to=recipient_ids, created=now,
             expires=now + lifetime, size=size, sha256=digest,
@@ -454,58 +525,177 @@ async def refresh_receipts(home: Home, r: RelayClient, envelope_ids: list[bytes]
     return new
 
 
-class _HashingWriter:
-    """Writes to ``f`` and hashes what it wrote (unless told not to), on a thread of its own.
+_BLOCK = 16 * age.CHUNK_SIZE  # plaintext per block (1 MiB): one hand-off between threads per block
+_SEALED_BLOCK = age.sealed_size(_BLOCK)
+_DEPTH = 6  # blocks in flight in each pipeline: memory stays flat, threads rarely wait
+_SYNC_EVERY = 64 << 20  # the ciphertext is written back to disk as it goes, not all at the fsync
 
-    Writes are gathered into batches of about ``_COPY`` bytes; the file write and the
-    SHA-256 release the GIL, so they run alongside encryption. At most two batches
-    wait; ``flush()`` waits for all and raises the first write error.
+
+def _write_all(f: Any, data: memoryview) -> None:
+    while data:
+        n = f.write(data)
+        data = data[n:]
+
+
+class _CiphertextSink:
+    """Writes the ciphertext on the caller's thread and hashes it, in order, on another.
+
+    The caller fills buffers from ``buffer()`` and hands them back with ``submit``: the
+    SHA-256 (which releases the GIL) runs alongside the caller's encryption and writes.
+    A third thread starts writing the file back to disk every ``_SYNC_EVERY`` bytes, so
+    the final fsync has little left to do. At most ``_DEPTH`` buffers exist;
+    ``finish()`` waits for everything and raises the first error.
     """
 
-    def __init__(self, f: Any, *, hashing: bool = True) -> None:
-        self.f = f
-        self.h = hashlib.sha256()
-        self.n = 0
-        self._hashing = hashing
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pli-write")
-        self._inflight: deque[Future[None]] = deque()
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+        self.size = 0
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="pli-hash")
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="pli-sync")
+        self._sync: Future[None] | None = None
+        self._synced = 0
+        self._free = [bytearray(_SEALED_BLOCK) for _ in range(_DEPTH)]
+        self._inflight: deque[tuple[bytearray | None, Future[None]]] = deque()
 
-    def write(self, data: bytes) -> int:
-        item = data if type(data) is bytes else bytes(data)
-        self._parts.append(item)
-        self._size += len(item)
-        self.n += len(item)
-        if self._size >= _COPY:
-            self._submit()
-        return len(item)
+    def buffer(self) -> bytearray:
+        while not self._free:
+            self._retire()
+        return self._free.pop()
 
-    def _submit(self) -> None:
-        if self._parts:
-            self._inflight.append(self._pool.submit(self._write_out, self._parts))
-            self._parts, self._size = [], 0
-        while len(self._inflight) > 2:
-            self._inflight.popleft().result()
+    def submit(self, buf: bytearray | bytes, n: int) -> None:
+        view = memoryview(buf)[:n]
+        self._inflight.append((buf if isinstance(buf, bytearray) else None, self._hasher.submit(self._h.update, view)))
+        _write_all(self._f, view)
+        self.size += n
+        if self.size - self._synced >= _SYNC_EVERY and (self._sync is None or self._sync.done()):
+            if self._sync is not None:
+                self._sync.result()
+            self._synced = self.size
+            self._sync = self._syncer.submit(_datasync, self._f.fileno())
 
-    def _write_out(self, parts: list[bytes]) -> None:
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.f.write(data)
-        if self._hashing:
-            self.h.update(data)
+    def _retire(self) -> None:
+        buf, hashing = self._inflight.popleft()
+        hashing.result()
+        if buf is not None:
+            self._free.append(buf)
 
-    def flush(self) -> None:
-        self._submit()
+    def finish(self) -> bytes:
+        """Wait for every buffer to be hashed and the file to be on disk; the digest."""
         while self._inflight:
-            self._inflight.popleft().result()
+            self._retire()
+        if self._sync is not None:
+            self._sync.result()
+        os.fsync(self._f.fileno())
+        return self._h.digest()
 
     def close(self) -> None:
+        for _, hashing in self._inflight:
+            hashing.cancel()
+        for pool in (self._hasher, self._syncer):
+            pool.shutdown(wait=True)
+
+
+def _datasync(fd: int) -> None:
+    getattr(os, "fdatasync", os.fsync)(fd)
+
+
+class _SentFile:
+    """A file being read into the bundle, refused if it is not exactly the one hashed.
+
+    Its stamp (device, inode, size, times) must be the one taken before it was hashed,
+    when it is opened and again after its last byte is read; a file changed too
+    recently for its times to tell is hashed again as it is read.
+    """
+
+    def __init__(self, hashed: _Hashed) -> None:
+        self._hashed = hashed
         try:
-            self.flush()
+            self._f = hashed.path.open("rb", buffering=0)
+        except FileNotFoundError as e:
+            raise self._changed() from e
+        self._h = hashlib.sha256() if hashed.racy else None
+        try:
+            self._check_stamp()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _changed(self) -> BundleError:
+        return BundleError(f"file {self._hashed.entry.name!r} {_CHANGED}")
+
+    def _check_stamp(self) -> None:
+        if _Stamp.of(self._f.fileno()) != self._hashed.stamp:
+            raise self._changed()
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` from the file."""
+        got = 0
+        while got < len(view):
+            n = self._f.readinto(view[got:])
+            if not n:
+                raise self._changed()  # shorter than hashed
+            got += n
+        if self._h is not None:
+            self._h.update(view)
+
+    def finish(self) -> None:
+        """After the file's last byte: check it did not change meanwhile."""
+        try:
+            self._check_stamp()
+            if self._h is not None and not hmac.compare_digest(self._h.digest(), self._hashed.entry.sha256):
+                raise self._changed()
         finally:
-            for f in self._inflight:
-                f.cancel()
-            self._pool.shutdown(wait=True)
+            self._f.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _plaintext_blocks(layout: Layout, files: list[_Hashed]) -> Iterator[tuple[memoryview, bool]]:
+    """The bundle's plaintext in ``_BLOCK``-sized blocks (the last one shorter), each with
+    whether it is the final one; file data is read straight into the block. Each block
+    is only valid until the next one is asked for."""
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    fill = done = 0
+    sources = iter(files)
+
+    def parts() -> Iterator[tuple[int, bytes | _SentFile | None]]:
+        for part in layout.parts:
+            if isinstance(part, bytes):
+                yield len(part), part
+                continue
+            sent = _SentFile(next(sources))
+            try:
+                yield part.size, sent
+                sent.finish()
+            finally:
+                sent.close()
+        yield layout.padding, None  # zeros
+
+    for size, src in parts():
+        pos = 0
+        while pos < size:
+            take = min(size - pos, _BLOCK - fill)
+            target = view[fill : fill + take]
+            if isinstance(src, bytes):
+                target[:] = src[pos : pos + take]
+            elif src is None:
+                target[:] = _ZERO_BLOCK[:take]
+            else:
+                src.read_into(target)
+            pos += take
+            fill += take
+            if fill == _BLOCK:
+                done += _BLOCK
+                yield view, done == layout.size
+                fill = 0
+    if fill:
+        yield view[:fill], True
+
+
+_ZERO_BLOCK = memoryview(bytes(_BLOCK))
 
 
 def _encrypt_bundle(
@@ -513,29 +703,35 @@ def _encrypt_bundle(
     recipients: list[age.X25519Recipient],
     manifest: bytes,
     sig: bytes,
-    files: list[tuple[FileEntry, Path]],
+    files: list[_Hashed],
 ) -> tuple[int, bytes]:
-    # The tar (reading and re-hashing each file) is written on one thread; this one
-    # encrypts it (sealing chunks on age's worker thread), hashes and writes the result.
+    """Write the bundle's age file to ``path`` (fsynced); its size and SHA-256.
+
+    This thread reads the files into the tar's blocks, seals them (ChaCha20-Poly1305
+    releases the GIL) and writes them; another hashes the ciphertext meanwhile.
+
+    Raises:
+        BundleError: a file changed since it was hashed.
+    """
+    layout = bundle_layout(manifest, sig, [f.entry for f in files])
+    header, sealer = age.start_encryption(recipients)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as raw:
-        out = _HashingWriter(raw)
-        handles = [(e, p.open("rb")) for e, p in files]
-        channel = _Channel()
-        producer = _produce(channel, lambda: write_bundle(channel, manifest, sig, handles))
-        try:
-            age.encrypt_stream(channel, out, recipients)
-            out.flush()
-        finally:
-            channel.cancel()
-            producer.join()
-            out.close()
-            for _, h in handles:
-                h.close()
-        raw.flush()
-        os.fsync(raw.fileno())
-    tmp.replace(path)
-    return out.n, out.h.digest()
+    try:
+        with tmp.open("wb", buffering=0) as raw:
+            sink = _CiphertextSink(raw)
+            try:
+                sink.submit(header, len(header))
+                for block, final in _plaintext_blocks(layout, files):
+                    out = sink.buffer()
+                    sink.submit(out, sealer.seal_into(block, out, final=final))
+                digest = sink.finish()
+            finally:
+                sink.close()
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return sink.size, digest
 
 
 class _relay:  # noqa: N801 - used as a context manager helper
@@ -762,50 +958,78 @@ class _Opened:
         self.folder = folder
 
 
-class _HashingReader:
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.h = hashlib.sha256()
-        self.n = 0
+class _CiphertextFeed:
+    """Reads the age file, hashes it and decrypts it into a ``_Channel``, on its own thread,
+    a block of 16 chunks at a time (the SHA-256 and ChaCha20-Poly1305 release the GIL)."""
 
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self.f.read(n)
-        self.h.update(data)
-        self.n += len(data)
-        return data
+    def __init__(self, f: Any, size: int, start: int, opener: age.PayloadOpener, channel: _Channel) -> None:
+        self._f = f
+        self._size = size
+        self._start = start
+        self._opener = opener
+        self._channel = channel
+        self.digest = b""
+
+    def _read(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            n = self._f.readinto(view[got:])
+            if not n:
+                raise BundleError("the ciphertext does not match its signed header")  # it shrank
+            got += n
+
+    def run(self) -> None:
+        h = hashlib.sha256()
+        buf = bytearray(max(self._start, 16 * (age.CHUNK_SIZE + 16)))
+        head = memoryview(buf)[: self._start]
+        self._read(head)
+        h.update(head)
+        pos = self._start
+        final = False
+        while not final:
+            view = memoryview(buf)[: min(len(buf), self._size - pos)]
+            self._read(view)
+            h.update(view)
+            pos += len(view)
+            final = pos == self._size
+            self._channel.write_many(self._opener.open(view, final=final))
+        self.digest = h.digest()
 
 
 def _decrypt_bundle(
     home: Home, keys: DeviceKeys, signed: SignedHeader, header: EnvelopeHeader,
     sender: DevicePublic, age_path: Path,
 ) -> _Opened:
+    """Check, decrypt and file a downloaded envelope's bundle; the files appear in the
+    case folder only once every check passed (SPEC.md §6.2).
+
+    A thread reads, hashes and decrypts the age file (``_CiphertextFeed``); this one
+    parses the tar, checks each file's SHA-256 and writes the files.
+    """
     staging = home.cases / f".incoming-{header.id.hex()}"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "files").mkdir(parents=True)
     try:
-        with age_path.open("rb") as raw:
-            src = _HashingReader(raw)
-            # Decryption (reading and hashing the ciphertext, chunks opened on age's
-            # worker thread) feeds this thread, which checks and writes the files.
-            decrypting = age.DecryptReader(src, [keys.identity])
-            channel = _Channel()
-            producer = _produce(channel, lambda: decrypting._copy_to(channel))  # noqa: SLF001
+        with age_path.open("rb", buffering=0) as raw:
+            size = os.fstat(raw.fileno()).st_size
+            if size != header.size:
+                raise BundleError("the ciphertext does not match its signed header")  # noqa: TRY301
+            opener, start = age.start_decryption(raw.read(age.MAX_HEADER_SIZE + 16), [keys.identity])
+            raw.seek(0)
+            channel = _Channel(4 << 20)
+            feed = _CiphertextFeed(raw, size, start, opener, channel)
+            producer = _produce(channel, feed.run)
             try:
                 reader = BundleReader(channel, sender=sender, envelope=header, me=keys.device_id)
-                for entry, stream in reader.files():
-                    with (staging / "files" / entry.name).open("xb") as out:
-                        writer = _HashingWriter(out, hashing=False)  # writes overlap the reading
-                        try:
-                            while chunk := stream.read(_PIECE):
-                                writer.write(chunk)
-                            writer.flush()
-                        finally:
-                            writer.close()
+                for entry, data in reader.files():
+                    with (staging / "files" / entry.name).open("xb", buffering=0) as out:
+                        for piece in data.chunks():
+                            _write_all(out, piece)
                 reader.finish()
             finally:
                 channel.cancel()
                 producer.join()
-            if src.n != header.size or not hmac.compare_digest(src.h.digest(), header.sha256):
+            if not hmac.compare_digest(feed.digest, header.sha256):
                 raise BundleError("the ciphertext does not match its signed header")  # noqa: TRY301
         (staging / "manifest").write_bytes(reader.manifest_bytes)
         (staging / "manifest.sig").write_bytes(reader.signature)

@@ -11,9 +11,15 @@ Streaming is first-class because cases carry imaging files: ``EncryptWriter`` an
 ``DecryptReader`` hold one 64 KiB chunk (plus one read-ahead chunk when decrypting),
 whatever the file size, and never release plaintext that has not been authenticated.
 ``encrypt_stream`` and ``decrypt_stream`` additionally run the ChaCha20-Poly1305 calls
-on one worker thread (libsodium releases the GIL) so that they overlap with the
-caller's reads and writes; the caller's file objects are only used from the calling
-thread, and the output is byte-identical to the one-chunk-at-a-time path.
+on one worker thread (OpenSSL, through ``cryptography``, releases the GIL) so that they
+overlap with the caller's reads and writes; the caller's file objects are only used
+from the calling thread, and the output is byte-identical to the one-chunk-at-a-time
+path. For callers with their own I/O pipeline, ``start_encryption`` and
+``start_decryption`` give the header and a ``PayloadSealer`` or ``PayloadOpener`` that
+works a block of chunks at a time, in the caller's buffers; the bytes are the same.
+
+ChaCha20-Poly1305 is OpenSSL's (``cryptography``), about three times faster here than
+libsodium's portable code on large inputs; X25519 is libsodium's (PyNaCl).
 
 Randomness is drawn only by the public constructors and convenience functions; each
 has a ``_from_parts`` path that takes the file key, ephemeral secrets and payload nonce
@@ -35,14 +41,11 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 import nacl.exceptions
 import nacl.utils
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from nacl.bindings import (
-    crypto_aead_chacha20poly1305_ietf_decrypt,
-    crypto_aead_chacha20poly1305_ietf_encrypt,
-    crypto_scalarmult,
-    crypto_scalarmult_base,
-)
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
 from protocol import _bech32
 from protocol.errors import (
@@ -64,6 +67,8 @@ __all__ = [
     "DecryptReader",
     "EncryptWriter",
     "Header",
+    "PayloadOpener",
+    "PayloadSealer",
     "Stanza",
     "SupportsRead",
     "SupportsWrite",
@@ -75,6 +80,9 @@ __all__ = [
     "encrypt",
     "encrypt_stream",
     "header_size",
+    "sealed_size",
+    "start_decryption",
+    "start_encryption",
 ]
 
 CHUNK_SIZE = 64 * 1024
@@ -120,6 +128,9 @@ _B64_CHARS = re.compile(rb"[A-Za-z0-9+/]*")
 # stanza"): "-> X25519 " + 43 base64 chars + LF, then a 43-char body line + LF.
 _X25519_STANZA_SIZE = len(b"-> X25519 ") + 43 + 1 + 43 + 1
 _FIXED_HEADER_SIZE = len(_VERSION_LINE) + _MAC_LINE_SIZE
+
+
+_Buffer = bytes | bytearray | memoryview
 
 
 class SupportsRead(Protocol):
@@ -181,15 +192,14 @@ def _write_all(dst: SupportsWrite, data: bytes) -> None:
 
 
 _Opened = tuple[bytes, PayloadError | None]  # output, and an error to raise after it
-_ChunkOp = Callable[[bytes, bytes, int, bool], _Opened]  # key, data, index, final flag
+_ChunkOp = Callable[[ChaCha20Poly1305, bytes, int, bool], _Opened]  # cipher, data, index, final flag
 
 
-def _seal_chunk(key: bytes, plaintext: bytes, index: int, last: bool) -> _Opened:
-    nonce = _stream_nonce(index, last=last)
-    return crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, nonce, key), None
+def _seal_chunk(aead: ChaCha20Poly1305, plaintext: bytes, index: int, last: bool) -> _Opened:
+    return aead.encrypt(_stream_nonce(index, last=last), plaintext, None), None
 
 
-def _open_chunk(key: bytes, sealed: bytes, index: int, last: bool) -> _Opened:
+def _open_chunk(aead: ChaCha20Poly1305, sealed: _Buffer, index: int, last: bool) -> _Opened:
     """Open chunk ``index``; ``last`` is whether the input ends right after it.
 
     A full-size chunk that only opens with the other final flag is authentic but
@@ -198,18 +208,14 @@ def _open_chunk(key: bytes, sealed: bytes, index: int, last: bool) -> _Opened:
     after it, as the reference implementation does and the C2SP test kit expects.
     """
     try:
-        plaintext = crypto_aead_chacha20poly1305_ietf_decrypt(
-            sealed, None, _stream_nonce(index, last=last), key
-        )
-    except nacl.exceptions.CryptoError as e:
+        plaintext = aead.decrypt(_stream_nonce(index, last=last), sealed, None)
+    except InvalidTag as e:
         failed = PayloadError(f"age payload chunk {index} failed to decrypt")
-        if len(sealed) != _ENC_CHUNK_SIZE:
+        if len(memoryview(sealed)) != _ENC_CHUNK_SIZE:
             raise failed from e
         try:
-            plaintext = crypto_aead_chacha20poly1305_ietf_decrypt(
-                sealed, None, _stream_nonce(index, last=not last), key
-            )
-        except nacl.exceptions.CryptoError as e2:
+            plaintext = aead.decrypt(_stream_nonce(index, last=not last), sealed, None)
+        except InvalidTag as e2:
             raise failed from e2
         if last:
             return plaintext, PayloadError("age payload truncated: no final chunk")
@@ -223,12 +229,12 @@ _Job = tuple[bytes, int, bool]  # data, chunk index, whether it is the final chu
 
 
 def _run_batch(
-    op: _ChunkOp, key: bytes, jobs: list[_Job]
+    op: _ChunkOp, aead: ChaCha20Poly1305, jobs: list[_Job]
 ) -> tuple[list[bytes], PayloadError | None]:
     out: list[bytes] = []
     for data, index, last in jobs:
         try:
-            result, error = op(key, data, index, last)
+            result, error = op(aead, data, index, last)
         except PayloadError as e:
             return out, e
         out.append(result)
@@ -249,17 +255,17 @@ class _Pipeline:
     chunk stops the output after every earlier chunk has been written.
     """
 
-    __slots__ = ("_batch", "_dst", "_inflight", "_key", "_op", "_pool", "_stopped", "written")
+    __slots__ = ("_aead", "_batch", "_dst", "_inflight", "_op", "_pool", "_stopped", "written")
 
     def __init__(
         self,
         dst: SupportsWrite,
         op: _ChunkOp,
-        key: bytes,
+        aead: ChaCha20Poly1305,
     ) -> None:
         self._dst = dst
         self._op = op
-        self._key = key
+        self._aead = aead
         self._pool = ThreadPoolExecutor(max_workers=_PIPELINE_WORKERS)
         self._inflight: deque[Future[tuple[list[bytes], PayloadError | None]]] = deque()
         self._batch: list[_Job] = []
@@ -274,7 +280,7 @@ class _Pipeline:
 
     def _submit(self) -> None:
         if self._batch:
-            self._inflight.append(self._pool.submit(_run_batch, self._op, self._key, self._batch))
+            self._inflight.append(self._pool.submit(_run_batch, self._op, self._aead, self._batch))
             self._batch = []
 
     def _drain(self, *, keep: int) -> None:
@@ -349,7 +355,7 @@ class X25519Recipient:
         share = crypto_scalarmult_base(ephemeral_secret)
         shared = crypto_scalarmult(ephemeral_secret, self._public)
         wrap_key = _hkdf(shared, share + self._public, _X25519_INFO)
-        body = crypto_aead_chacha20poly1305_ietf_encrypt(file_key, None, _ZERO_NONCE, wrap_key)
+        body = ChaCha20Poly1305(wrap_key).encrypt(_ZERO_NONCE, file_key, None)
         return Stanza(_X25519_TYPE, (_b64encode(share).decode("ascii"),), body)
 
     def __eq__(self, other: object) -> bool:
@@ -410,8 +416,8 @@ class X25519Identity:
             raise DecodeError("X25519 share is a low-order point")
         wrap_key = _hkdf(shared, share + self._public, _X25519_INFO)
         try:
-            return crypto_aead_chacha20poly1305_ietf_decrypt(body, None, _ZERO_NONCE, wrap_key)
-        except nacl.exceptions.CryptoError:
+            return ChaCha20Poly1305(wrap_key).decrypt(_ZERO_NONCE, body, None)
+        except InvalidTag:
             return None
 
     def __eq__(self, other: object) -> bool:
@@ -604,6 +610,212 @@ def _unwrap_file_key(stanzas: Sequence[Stanza], identities: Sequence[X25519Ident
     raise NoIdentityError("no identity matches any recipient stanza")
 
 
+# --- payload in blocks ----------------------------------------------------------------
+#
+# For callers that run their own I/O pipeline (the bundle path of client/core.py): the
+# header is bytes, and the payload is sealed or opened a block of whole chunks at a time,
+# into the caller's buffers, so that a gigabyte costs a thousand Python-level calls and
+# no intermediate copies. The bytes are exactly those of EncryptWriter and DecryptReader.
+
+
+def _start_encryption(
+    recipients: Sequence[X25519Recipient],
+    *,
+    file_key: bytes,
+    ephemeral_secrets: Sequence[bytes],
+    payload_nonce: bytes,
+) -> tuple[bytes, PayloadSealer]:
+    if not recipients:
+        raise ValueError("at least one recipient is required")
+    if len(ephemeral_secrets) != len(recipients):
+        raise ValueError("one ephemeral secret per recipient is required")
+    if len(file_key) != _FILE_KEY_SIZE or len(payload_nonce) != _NONCE_SIZE:
+        raise ValueError("file key and payload nonce must be 16 bytes")
+    if any(len(e) != _KEY_SIZE for e in ephemeral_secrets):
+        raise ValueError("ephemeral secrets must be 32 bytes")
+    if header_size(len(recipients)) > MAX_HEADER_SIZE:
+        raise LimitError(f"too many recipients for a {MAX_HEADER_SIZE}-byte header")
+    stanzas = tuple(
+        r._wrap(file_key, e)  # noqa: SLF001 (same module)
+        for r, e in zip(recipients, ephemeral_secrets, strict=True)
+    )
+    without_mac = Header(stanzas, b"").encode_without_mac()
+    mac = _header_mac(file_key, without_mac)
+    # spec "Payload": payload key = HKDF(ikm = file key, salt = nonce, "payload").
+    sealer = PayloadSealer(ChaCha20Poly1305(_hkdf(file_key, payload_nonce, b"payload")))
+    return without_mac + b" " + _b64encode(mac) + b"\n" + payload_nonce, sealer
+
+
+def start_encryption(recipients: Sequence[X25519Recipient]) -> tuple[bytes, PayloadSealer]:
+    """A fresh file key for ``recipients``: the age header (payload nonce included) and
+    the sealer of the payload that must follow it.
+
+    Raises:
+        ValueError: no recipients.
+        LimitError: too many recipients for ``MAX_HEADER_SIZE``.
+    """
+    return _start_encryption(
+        recipients,
+        file_key=nacl.utils.random(_FILE_KEY_SIZE),
+        ephemeral_secrets=[nacl.utils.random(_KEY_SIZE) for _ in recipients],
+        payload_nonce=nacl.utils.random(_NONCE_SIZE),
+    )
+
+
+def _read_payload_key(source: _Source, identities: Sequence[X25519Identity]) -> tuple[bytes, ChaCha20Poly1305]:
+    """Parse the header, unwrap the file key, check the MAC, read the nonce; the raw
+    header (MAC line included) and the payload cipher."""
+    parsed, raw = _read_header(source)
+    file_key = _unwrap_file_key(parsed.stanzas, identities)
+    expected = _header_mac(file_key, raw[:-_MAC_LINE_SIZE] + _MAC_PREFIX)
+    if not hmac.compare_digest(expected, parsed.mac):
+        raise HeaderMacError("age header MAC does not match")
+    nonce = source.read_full(_NONCE_SIZE)
+    if len(nonce) != _NONCE_SIZE:
+        # The C2SP test kit classes a short nonce as a header failure.
+        raise DecodeError("age payload nonce truncated")
+    return raw, ChaCha20Poly1305(_hkdf(file_key, nonce, b"payload"))
+
+
+def start_decryption(prefix: bytes, identities: Sequence[X25519Identity]) -> tuple[PayloadOpener, int]:
+    """Open the header at the start of ``prefix``; return the payload's opener and offset.
+
+    ``prefix`` is the file's first bytes: ``MAX_HEADER_SIZE + 16`` of them (or the whole
+    file, if shorter) always hold the header and the payload nonce. The payload's sealed
+    chunks start at the returned offset.
+
+    Raises:
+        ValueError: no identities.
+        DecodeError, LimitError, VersionError: not a well-formed age header (or no nonce).
+        NoIdentityError: no identity opens any recipient stanza.
+        HeaderMacError: the header was altered.
+    """
+    if not identities:
+        raise ValueError("at least one identity is required")
+    raw, aead = _read_payload_key(_Source(io.BytesIO(prefix)), identities)
+    return PayloadOpener(aead), len(raw) + _NONCE_SIZE
+
+
+def sealed_size(plaintext_size: int) -> int:
+    """Bytes that ``plaintext_size`` bytes of payload take once sealed: 16 per chunk more."""
+    return plaintext_size + max(1, -(-plaintext_size // CHUNK_SIZE)) * _TAG_SIZE
+
+
+class PayloadSealer:
+    """Seals the payload's STREAM chunks (spec "Payload") a block at a time, in order.
+
+    Made by ``start_encryption`` with a fresh key, and good for one payload: chunk
+    numbers (the nonces) only move forward. Every block but the final one is a whole
+    number of ``CHUNK_SIZE`` chunks, so the caller must know where the payload ends: the
+    final block holds its last chunk (and is empty only when the whole payload is).
+    """
+
+    __slots__ = ("_aead", "_counter", "_finished")
+
+    def __init__(self, aead: ChaCha20Poly1305) -> None:
+        self._aead = aead
+        self._counter = 0
+        self._finished = False
+
+    def seal_into(self, plaintext: _Buffer, out: bytearray | memoryview, *, final: bool) -> int:
+        """Seal ``plaintext`` into the start of ``out``; return the bytes written
+        (``sealed_size(len(plaintext))`` for a final block, 16 per chunk more otherwise).
+
+        Raises:
+            ValueError: a block after the final one, a non-final block that is not whole
+                chunks (or is empty), an empty final block after others, or ``out`` too small.
+        """
+        src = memoryview(plaintext).cast("B")
+        dst = memoryview(out).cast("B")
+        n = len(src)
+        if self._finished:
+            raise ValueError("the payload's final chunk is already sealed")
+        if not final and (n == 0 or n % CHUNK_SIZE):
+            raise ValueError("a non-final block must be whole chunks")
+        if final and n == 0 and self._counter:
+            raise ValueError("the final chunk is empty only when the whole payload is")
+        if len(dst) < (sealed_size(n) if final else n + n // CHUNK_SIZE * _TAG_SIZE):
+            raise ValueError("output buffer too small")
+        aead, counter = self._aead, self._counter
+        pos = written = 0
+        while True:
+            end = min(pos + CHUNK_SIZE, n)
+            last = final and end == n
+            size = end - pos + _TAG_SIZE
+            aead.encrypt_into(_stream_nonce(counter, last=last), src[pos:end], None, dst[written : written + size])
+            written += size
+            counter += 1
+            pos = end
+            if pos == n:
+                break
+        self._counter = counter
+        self._finished = final
+        return written
+
+
+class PayloadOpener:
+    """Opens the payload's sealed chunks a block at a time, in order, refusing any
+    reordering, truncation or trailing data (as ``DecryptReader`` does).
+
+    Made by ``start_decryption``. Every block but the final one is a whole number of
+    sealed chunks; the final block is the end of the input (its last chunk may be
+    short), so the caller must know where the file ends. After a failure it only
+    raises that failure again.
+    """
+
+    __slots__ = ("_aead", "_counter", "_error", "_finished")
+
+    def __init__(self, aead: ChaCha20Poly1305) -> None:
+        self._aead = aead
+        self._counter = 0
+        self._error: PayloadError | None = None
+        self._finished = False
+
+    def open(self, sealed: _Buffer, *, final: bool) -> list[bytes]:
+        """The plaintext of each chunk of ``sealed``, all authenticated.
+
+        Raises:
+            PayloadError: a chunk fails to open, is misplaced (a final chunk followed by
+                more, or no final chunk at the end), truncated, or an empty final chunk;
+                or the payload has no chunks at all.
+            ValueError: a block after the final one, or a non-final block that is not
+                whole sealed chunks.
+        """
+        if self._error is not None:
+            raise PayloadError(str(self._error))
+        view = memoryview(sealed).cast("B")
+        n = len(view)
+        if self._finished:
+            raise ValueError("the payload's final block was already opened")
+        if not final and (n == 0 or n % _ENC_CHUNK_SIZE):
+            raise ValueError("a non-final block must be whole sealed chunks")
+        self._finished = final
+        try:
+            return self._open(view, final=final)
+        except PayloadError as e:
+            self._error = e
+            raise
+
+    def _open(self, view: memoryview, *, final: bool) -> list[bytes]:
+        n = len(view)
+        if n == 0:
+            raise PayloadError("age payload has no chunks" if not self._counter else "age payload truncated")
+        out: list[bytes] = []
+        pos = 0
+        while pos < n:
+            chunk = view[pos : pos + _ENC_CHUNK_SIZE]
+            pos += len(chunk)
+            index = self._counter
+            self._counter += 1
+            if len(chunk) < _TAG_SIZE:
+                raise PayloadError(f"age payload chunk {index} truncated")
+            plaintext, error = _open_chunk(self._aead, chunk, index, final and pos == n)
+            if error is not None:
+                raise error
+            out.append(plaintext)
+        return out
+
+
 # --- encryption -----------------------------------------------------------------------
 
 
@@ -616,7 +828,7 @@ class EncryptWriter:
     never pass for a complete one.
     """
 
-    __slots__ = ("_closed", "_counter", "_dst", "_held", "_key", "_written")
+    __slots__ = ("_aead", "_closed", "_counter", "_dst", "_held", "_written")
 
     def __init__(self, dst: SupportsWrite, recipients: Sequence[X25519Recipient]) -> None:
         self._setup(
@@ -656,31 +868,16 @@ class EncryptWriter:
         ephemeral_secrets: Sequence[bytes],
         payload_nonce: bytes,
     ) -> None:
-        if not recipients:
-            raise ValueError("at least one recipient is required")
-        if len(ephemeral_secrets) != len(recipients):
-            raise ValueError("one ephemeral secret per recipient is required")
-        if len(file_key) != _FILE_KEY_SIZE or len(payload_nonce) != _NONCE_SIZE:
-            raise ValueError("file key and payload nonce must be 16 bytes")
-        if any(len(e) != _KEY_SIZE for e in ephemeral_secrets):
-            raise ValueError("ephemeral secrets must be 32 bytes")
-        if header_size(len(recipients)) > MAX_HEADER_SIZE:
-            raise LimitError(f"too many recipients for a {MAX_HEADER_SIZE}-byte header")
+        head, sealer = _start_encryption(
+            recipients, file_key=file_key, ephemeral_secrets=ephemeral_secrets, payload_nonce=payload_nonce
+        )
         self._dst = dst
         self._written = 0
         self._counter = 0
         self._held: bytes | bytearray = b""
         self._closed = False
-        stanzas = tuple(
-            r._wrap(file_key, e)  # noqa: SLF001 (same module)
-            for r, e in zip(recipients, ephemeral_secrets, strict=True)
-        )
-        header = Header(stanzas, b"")
-        without_mac = header.encode_without_mac()
-        mac = _header_mac(file_key, without_mac)
-        self._emit(without_mac + b" " + _b64encode(mac) + b"\n" + payload_nonce)
-        # spec "Payload": payload key = HKDF(ikm = file key, salt = nonce, "payload").
-        self._key = _hkdf(file_key, payload_nonce, b"payload")
+        self._emit(head)
+        self._aead = sealer._aead  # noqa: SLF001 (same module)
 
     @property
     def bytes_written(self) -> int:
@@ -692,8 +889,7 @@ class EncryptWriter:
         self._written += len(data)
 
     def _seal(self, plaintext: bytes, *, last: bool) -> None:
-        nonce = _stream_nonce(self._counter, last=last)
-        self._emit(crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, None, nonce, self._key))
+        self._emit(self._aead.encrypt(_stream_nonce(self._counter, last=last), plaintext, None))
         self._counter += 1
 
     def _copy_from(self, source: _Source) -> None:
@@ -701,7 +897,7 @@ class EncryptWriter:
         if self._closed or self._held or self._counter:
             raise ValueError("_copy_from needs a fresh EncryptWriter")
         self._closed = True
-        with _Pipeline(self._dst, _seal_chunk, self._key) as pipe:
+        with _Pipeline(self._dst, _seal_chunk, self._aead) as pipe:
             plaintext = source.read_full(CHUNK_SIZE)
             last = False
             while not last:
@@ -786,10 +982,10 @@ class DecryptReader:
     """
 
     __slots__ = (
+        "_aead",
         "_counter",
         "_done",
         "_error",
-        "_key",
         "_next",
         "_out",
         "_out_pos",
@@ -804,16 +1000,7 @@ class DecryptReader:
         if not identities:
             raise ValueError("at least one identity is required")
         self._source = _Source(src)
-        parsed, self.header = _read_header(self._source)
-        file_key = _unwrap_file_key(parsed.stanzas, identities)
-        expected = _header_mac(file_key, self.header[:-_MAC_LINE_SIZE] + _MAC_PREFIX)
-        if not hmac.compare_digest(expected, parsed.mac):
-            raise HeaderMacError("age header MAC does not match")
-        nonce = self._source.read_full(_NONCE_SIZE)
-        if len(nonce) != _NONCE_SIZE:
-            # The C2SP test kit classes a short nonce as a header failure.
-            raise DecodeError("age payload nonce truncated")
-        self._key = _hkdf(file_key, nonce, b"payload")
+        self.header, self._aead = _read_payload_key(self._source, identities)
         self._counter = 0
         self._done = False
         self._error: PayloadError | None = None
@@ -830,7 +1017,7 @@ class DecryptReader:
             return None
         try:
             sealed, index, last = self._take_sealed()
-            plaintext, self._error = _open_chunk(self._key, sealed, index, last)
+            plaintext, self._error = _open_chunk(self._aead, sealed, index, last)
         except PayloadError as e:
             self._error = e
             raise
@@ -862,7 +1049,7 @@ class DecryptReader:
         the one-chunk-at-a-time path would.
         """
         try:
-            with _Pipeline(dst, _open_chunk, self._key) as pipe:
+            with _Pipeline(dst, _open_chunk, self._aead) as pipe:
                 try:
                     while not self._done:
                         sealed, index, last = self._take_sealed()

@@ -23,9 +23,9 @@ import hmac
 import re
 import tarfile
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self, cast
 
 import nacl.signing
 
@@ -40,8 +40,11 @@ __all__ = [
     "MAX_FILES",
     "BundleReader",
     "FileEntry",
+    "FileReader",
+    "Layout",
     "Manifest",
     "Sender",
+    "bundle_layout",
     "padme",
     "sign_manifest",
     "write_bundle",
@@ -56,7 +59,8 @@ MAX_NAME = 255
 MIN_PADDED = 4096
 _COPY = 1 << 16
 _BIG_COPY = 1 << 20  # file data moves in 1 MiB reads and writes
-_TAR_READ = 1 << 15  # tarfile's stream reads, instead of its 10 KiB records
+_READ = 1 << 16  # the decrypted stream is read an age chunk at a time: DecryptReader hands it over uncopied
+_ZEROS = bytes(_READ)
 
 MEMBER_MANIFEST = "pli/manifest"
 MEMBER_SIGNATURE = "pli/manifest.sig"
@@ -255,60 +259,25 @@ def sign_manifest(manifest: Manifest, key: nacl.signing.SigningKey) -> tuple[byt
     return raw, sign(key, CTX_BUNDLE, raw)
 
 
-class _Counter:
-    """Counts what tarfile writes, so padding can follow without knowing sizes ahead."""
+# --- writing ---------------------------------------------------------------------------
 
-    def __init__(self, dst: SupportsWrite) -> None:
-        self.dst = dst
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self.dst.write(data)
-        self.count += len(data)
-        return len(data)
+_CHANGED = "changed while it was being sent"
 
 
-class _HashingReader:
-    """Reads exactly ``entry.size`` bytes and checks them against the manifest hash.
+@dataclass(frozen=True)
+class Layout:
+    """The bundle's plaintext as ``write_bundle`` writes it, known before any file is read.
 
-    On the sending side this catches a file that changed between hashing and sending;
-    on the receiving side, a file that does not match what the sender signed.
+    ``parts`` alternates tar framing (``bytes``: headers, the manifest and its signature,
+    block padding, the end-of-archive marker and record padding) and file data (the
+    ``FileEntry`` whose ``size`` bytes go there, in manifest order); ``padding`` zero
+    bytes follow, up to ``size``, the Padmé length. Everything but the files' bytes
+    follows from the manifest, so a caller may lay the stream out in its own buffers.
     """
 
-    def __init__(self, src: SupportsRead, entry: FileEntry, what: str) -> None:
-        self._src = src
-        self._entry = entry
-        self._what = what
-        self._h = hashlib.sha256()
-        self._n = 0
-        self._checked = False
-
-    def read(self, n: int = -1) -> bytes:
-        want = self._entry.size - self._n if n < 0 else min(n, self._entry.size - self._n)
-        try:
-            data = self._src.read(want) if want > 0 else b""
-        except tarfile.TarError as e:  # the container ends inside this member
-            raise BundleError(f"file {self._entry.name!r} is cut short: {e}") from e
-        self._h.update(data)
-        self._n += len(data)
-        # A short read means the source ended early: refuse it here, before tarfile
-        # reports it as a bare OSError ("unexpected end of data").
-        if (not data or len(data) < want) and not self._checked:
-            self._check()
-        return data
-
-    def _check(self) -> None:
-        self._checked = True
-        if self._n != self._entry.size or not hmac.compare_digest(
-            self._h.digest(), self._entry.sha256
-        ):
-            raise BundleError(f"file {self._entry.name!r} {self._what}")
-
-    def drain(self) -> None:
-        while self.read(_COPY):
-            pass
-        if not self._checked:
-            self._check()
+    parts: tuple[bytes | FileEntry, ...]
+    padding: int
+    size: int
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -322,6 +291,56 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _header_block(name: str, size: int) -> bytes:
+    block: bytes = _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+    return block
+
+
+def bundle_layout(manifest_bytes: bytes, signature: bytes, files: Sequence[FileEntry]) -> Layout:
+    """Lay out a bundle's plaintext (SPEC.md §6): the tar that ``tarfile`` writes in ``w|``
+    pax mode, byte for byte, then the Padmé padding.
+
+    ``files`` are the manifest's entries, in its order.
+    """
+    parts: list[bytes | FileEntry] = []
+    framing = bytearray()
+    for name, data in ((MEMBER_MANIFEST, manifest_bytes), (MEMBER_SIGNATURE, signature)):
+        framing += _header_block(name, len(data)) + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+    total = 0
+    for entry in files:
+        framing += _header_block(FILES_DIR + entry.name, entry.size)
+        parts += (bytes(framing), entry)
+        total += len(framing) + entry.size
+        framing[:] = bytes(-entry.size % tarfile.BLOCKSIZE)
+    # End of archive (two zero blocks), then zeros to a whole record, as tarfile closes.
+    framing += bytes(2 * tarfile.BLOCKSIZE)
+    framing += bytes(-(total + len(framing)) % tarfile.RECORDSIZE)
+    parts.append(bytes(framing))
+    total += len(framing)
+    size = padme(total)
+    return Layout(parts=tuple(parts), padding=size - total, size=size)
+
+
+class _HashingReader:
+    """Reads ``entry.size`` bytes and checks them against the manifest hash at their end."""
+
+    def __init__(self, src: SupportsRead, entry: FileEntry) -> None:
+        self._src = src
+        self._entry = entry
+        self._h = hashlib.sha256()
+        self._n = 0
+
+    def read(self, n: int) -> bytes:
+        data = self._src.read(min(n, self._entry.size - self._n))
+        self._h.update(data)
+        self._n += len(data)
+        return data
+
+    def check(self) -> None:
+        if self._n != self._entry.size or not hmac.compare_digest(self._h.digest(), self._entry.sha256):
+            raise BundleError(f"file {self._entry.name!r} {_CHANGED}")
+
+
 def write_bundle(
     dst: SupportsWrite,
     manifest_bytes: bytes,
@@ -331,158 +350,235 @@ def write_bundle(
     """Write the bundle's tar and padding to ``dst`` (usually an age EncryptWriter).
 
     Streams: memory stays flat whatever the files' sizes. Returns the plaintext size.
-    The tar is the one ``tarfile`` writes in ``w|`` pax mode, byte for byte; it is
-    framed here so that file data goes to ``dst`` in large writes, not 10 KiB records.
+    The bytes are ``bundle_layout``'s; file data goes to ``dst`` in large writes. Each
+    file is hashed again as it is written. (``client.core`` lays the stream out itself
+    from ``bundle_layout``, and checks instead that each file kept the identity, size
+    and times it had when hashed.)
 
     Raises:
         BundleError: a file's bytes no longer match its manifest entry.
     """
-    counter = _Counter(dst)
-    _tar_member(counter, MEMBER_MANIFEST, len(manifest_bytes), _BytesReader(manifest_bytes))
-    _tar_member(counter, MEMBER_SIGNATURE, len(signature), _BytesReader(signature))
-    for entry, src in files:
-        reader = _HashingReader(src, entry, "changed while it was being sent")
-        _tar_member(counter, FILES_DIR + entry.name, entry.size, reader)
-        reader.drain()
-    # End of archive (two zero blocks), then zeros to a whole record, as tarfile closes.
-    counter.write(bytes(2 * tarfile.BLOCKSIZE))
-    if rest := counter.count % tarfile.RECORDSIZE:
-        counter.write(bytes(tarfile.RECORDSIZE - rest))
-    total = counter.count
-    pad = padme(total) - total
+    pairs = list(files)
+    layout = bundle_layout(manifest_bytes, signature, [entry for entry, _ in pairs])
+    sources = iter(pairs)
+    for part in layout.parts:
+        if isinstance(part, bytes):
+            dst.write(part)
+            continue
+        entry, src = next(sources)
+        reader = _HashingReader(src, entry)
+        left = entry.size
+        while left:
+            data = reader.read(min(left, _BIG_COPY))
+            if not data:
+                break
+            dst.write(data)
+            left -= len(data)
+        reader.check()
+    pad = layout.padding
     zeros = bytes(min(pad, _COPY))
     while pad:
         n = min(pad, len(zeros))
         dst.write(zeros[:n])
         pad -= n
-    return padme(total)
+    return layout.size
 
 
-def _tar_member(out: _Counter, name: str, size: int, src: SupportsRead) -> None:
-    """One member as ``TarFile.addfile`` writes it: header, data, zeros to a whole block."""
-    out.write(_tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
-    left = size
-    while left:
-        want = min(left, _BIG_COPY)
-        data = src.read(want)
-        if len(data) != want:
-            raise OSError("unexpected end of data")  # as tarfile.copyfileobj says it
-        out.write(data)
-        left -= want
-    if rest := size % tarfile.BLOCKSIZE:
-        out.write(bytes(tarfile.BLOCKSIZE - rest))
+# --- reading ---------------------------------------------------------------------------
 
 
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+class _Source:
+    """The decrypted stream, taken in the pieces its reader returns (one age chunk each
+    from ``DecryptReader``), so file data can be handed on without copies."""
+
+    def __init__(self, src: SupportsRead) -> None:
+        self._src = src
+        self._buf = b""
         self._pos = 0
+        self._eof = False
+        self.offset = 0  # stream position of the next byte
 
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        chunk = self._data[self._pos : end]
-        self._pos += len(chunk)
-        return chunk
+    def view(self, n: int) -> memoryview | None:
+        """Up to ``n`` (> 0) bytes of the current piece, uncopied; None at the end."""
+        if self._pos == len(self._buf):
+            if self._eof:
+                return None
+            data = self._src.read(_READ)
+            if not data:
+                self._eof = True
+                return None
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        take = min(n, len(self._buf) - self._pos)
+        view = memoryview(self._buf)[self._pos : self._pos + take]
+        self._pos += take
+        self.offset += take
+        return view
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or fewer at the end of the stream."""
+        parts: list[memoryview] = []
+        while n > 0 and (view := self.view(n)) is not None:
+            parts.append(view)
+            n -= len(view)
+        return b"".join(parts)
+
+    def skip(self, n: int) -> None:
+        while n > 0 and (view := self.view(n)) is not None:
+            n -= len(view)
 
 
-class _HeaderGuard:
-    """Refuses an oversized pax or GNU extended header as it streams past, before tarfile.
+class _TarInfo(tarfile.TarInfo):
+    """tarfile's header parsing, with extended headers bounded before their data is read.
 
     tarfile reads an extended header's data (types ``x``, ``g``, ``L``, ``K``) into memory
     in one piece, before the manifest's signature can be checked: a hostile sender could
-    declare gigabytes there. This follows the 512-byte header blocks through the stream
-    (each member's data is skipped by its declared size) and checks each one's type and
-    size, so no more than ``MAX_EXTENDED`` bytes are ever read that way.
+    declare gigabytes there, or chain headers without end. Each header block is checked
+    as it is parsed, before anything it announces is read.
     """
 
     MAX_EXTENDED = 64 * 1024
+    MAX_BLOCKS = 8  # header blocks for one member: pax, GNU long name and link, the header
 
-    def __init__(self, src: SupportsRead) -> None:
-        self._src = src
-        self._pos = 0  # bytes read so far
-        self._next = 0  # where the next header block starts
-        self._block = bytearray()
-        self._done = False  # past the end-of-archive marker: only padding follows
+    @classmethod
+    def fromtarfile(cls, tarfile: tarfile.TarFile) -> Self:
+        headers = cast("_Headers", tarfile)
+        headers.blocks += 1
+        if headers.blocks > cls.MAX_BLOCKS:
+            raise LimitError(f"bundle container: over {cls.MAX_BLOCKS} header blocks for one member")
+        return super().fromtarfile(tarfile)
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._src.read(n)
-        if data and not self._done:
-            self._scan(data)
-        self._pos += len(data)
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _EXTENDED_TYPES and info.size > cls.MAX_EXTENDED:
+            raise LimitError(f"bundle container: an extended tar header of {info.size} bytes")
+        return info
+
+
+_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+
+
+class _Headers:
+    """What ``TarInfo.fromtarfile`` uses of a TarFile: the stream (as ``fileobj``), the
+    text codec and the pax global headers. It reads nothing but headers: member data
+    goes through ``_Source`` directly, in the pieces it was decrypted in."""
+
+    encoding = tarfile.ENCODING
+    errors = "surrogateescape"
+
+    # What one member's headers may take: its header blocks, and extended data for a pax
+    # header, a GNU long name and a GNU long link name (old GNU sparse maps count too).
+    MAX_BYTES = _TarInfo.MAX_BLOCKS * tarfile.BLOCKSIZE + 3 * _TarInfo.MAX_EXTENDED
+
+    def __init__(self, source: _Source) -> None:
+        self._source = source
+        self.fileobj = self
+        self.offset = 0
+        self.pax_headers: dict[str, str] = {}
+        self.blocks = 0
+        self._budget = 0
+        self.seen: list[bytes] | None = None  # the bytes read, when asked to keep them
+
+    def read(self, n: int) -> bytes:
+        if n > self._budget:
+            raise LimitError(f"bundle container: a member's tar headers take over {self.MAX_BYTES} bytes")
+        self._budget -= n
+        data = self._source.read(n)
+        if self.seen is not None:
+            self.seen.append(data)
         return data
 
-    def _scan(self, data: bytes) -> None:
-        i = 0
-        while i < len(data) and not self._done:
-            at = self._pos + i
-            if at < self._next:
-                i += min(len(data) - i, self._next - at)
-                continue
-            take = data[i : i + 512 - len(self._block)]
-            self._block += take
-            i += len(take)
-            if len(self._block) == 512:
-                self._check(bytes(self._block))
-                self._block.clear()
+    def tell(self) -> int:
+        return self._source.offset
 
-    def _check(self, block: bytes) -> None:
-        if block.count(0) == len(block):
-            self._done = True
-            return
-        field = block[124:136]
-        try:
-            size = (int.from_bytes(field[1:], "big") if field[0] & 0x80
-                    else int(field.rstrip(b"\x00 ").decode("ascii") or "0", 8))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise BundleError("bundle container: a tar header has a malformed size") from e
-        if block[156:157] in (b"x", b"g", b"L", b"K") and size > self.MAX_EXTENDED:
-            raise LimitError(f"bundle container: an extended tar header of {size} bytes")
-        self._next = self._next + 512 + -(-size // 512) * 512
-
-
-class _RecentReader:
-    """Passes reads through, keeping the most recent bytes so the tar's tail can be checked.
-
-    tarfile's stream mode buffers less than one read (``_TAR_READ``) ahead of what it
-    has parsed, so keeping the last ``_KEEP`` bytes (at least) covers everything it read
-    but did not use.
-    """
-
-    _KEEP = 4 * _TAR_READ
-
-    def __init__(self, src: SupportsRead) -> None:
-        self._src = src
-        self._recent: list[bytes] = []
-        self._kept = 0
-        self.pos = 0  # bytes handed out so far
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._src.read(n)
-        if data:
-            self._recent.append(data)
-            self._kept += len(data)
-            self.pos += len(data)
-            while self._kept - len(self._recent[0]) >= self._KEEP:
-                self._kept -= len(self._recent.pop(0))
-        return data
-
-    def check_zero_from(self, offset: int, *, at_least: int) -> None:
-        """Check the bytes handed out from ``offset`` on are zero and number ``at_least``.
+    def next(self) -> tarfile.TarInfo | None:
+        """The next member's header, pax and GNU records applied; None where tarfile's
+        stream mode would end the archive (a zero, invalid or cut header block).
 
         Raises:
-            BundleError: a non-zero byte, or the end-of-archive marker is missing.
+            BundleError: a malformed extended record.
+            LimitError: an extended header over ``MAX_EXTENDED`` bytes, or too many.
         """
-        tail = b"".join(self._recent)
-        start = offset - (self.pos - len(tail))
-        if start < 0:
-            raise BundleError("bundle container: cannot check its end")
-        rest = tail[start:]
-        if rest.count(0) != len(rest):
-            raise BundleError("bundle padding is not zero (data after the last member)")
-        if len(rest) < at_least:
-            more = self._src.read(at_least - len(rest))
-            if len(rest) + len(more) < at_least or more.count(0) != len(more):
-                raise BundleError("bundle container has no end-of-archive marker")
+        self.blocks = 0
+        self._budget = self.MAX_BYTES
+        try:
+            return _TarInfo.fromtarfile(cast("tarfile.TarFile", self))
+        except tarfile.HeaderError:  # also an extended header followed by no valid one
+            return None
+        except (tarfile.TarError, ValueError) as e:  # e.g. a malformed GNU sparse record
+            raise BundleError(f"bundle container: {e}") from e
+
+
+def _is_zero(data: bytes | memoryview) -> bool:
+    n = len(data)
+    return bytes(data) == (_ZEROS if n == _READ else bytes(n))
+
+
+def _is_file(info: tarfile.TarInfo | None, name: str) -> bool:
+    return info is not None and info.name == name and info.type in _FILE_TYPES and info.sparse is None
+
+
+class FileReader:
+    """One file's bytes from a bundle, checked against its signed size and SHA-256.
+
+    ``read`` gives bytes, ``chunks`` read-only views of the decrypted stream (no copies);
+    either way the check comes at the file's end, after its last bytes: a caller must
+    not use them before the whole bundle checked out (``BundleReader.finish``).
+    """
+
+    def __init__(self, source: _Source, entry: FileEntry) -> None:
+        self._src = source
+        self._entry = entry
+        self._left = entry.size
+        self._h = hashlib.sha256()
+        self._checked = False
+
+    def _take(self, n: int) -> memoryview:
+        view = self._src.view(min(n, self._left))
+        if view is None:
+            raise BundleError(f"file {self._entry.name!r} is cut short")
+        self._h.update(view)
+        self._left -= len(view)
+        return view
+
+    def _check(self) -> None:
+        if not self._checked:
+            self._checked = True
+            if self._left or not hmac.compare_digest(self._h.digest(), self._entry.sha256):
+                raise BundleError(f"file {self._entry.name!r} does not match the sender's signed hash")
+
+    def read(self, n: int, /) -> bytes:
+        """Up to ``n`` bytes (``SupportsRead``); ``b""`` once all were read and checked.
+
+        Raises:
+            BundleError: the file is cut short, or (after its last byte) its hash differs.
+        """
+        want = min(n, self._left)
+        parts: list[memoryview] = []
+        while want > 0:
+            parts.append(self._take(want))
+            want -= len(parts[-1])
+        if not parts:
+            self._check()
+            return b""
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+    def chunks(self) -> Iterator[memoryview]:
+        """The rest of the file, piece by piece as decrypted, then the check.
+
+        Raises:
+            BundleError: as ``read``.
+        """
+        while self._left:
+            yield self._take(_READ)
+        self._check()
+
+    def drain(self) -> None:
+        while self._left:
+            self._take(_READ)
+        self._check()
 
 
 class BundleReader:
@@ -492,9 +588,12 @@ class BundleReader:
     with the *expected* sender's key (the device the relay authenticated as the
     envelope's sender), and only then decodes the manifest and checks it against the
     envelope: same envelope id, same recipients, this device among them (or the sender
-    rereading). ``files()`` yields each file as a reader that checks size and SHA-256
-    at its end; ``finish()`` checks nothing follows and reads the padding to the end,
-    so the age stream is authenticated through its final chunk.
+    rereading). ``files()`` yields each file as a ``FileReader`` that checks size and
+    SHA-256 at its end; ``finish()`` checks nothing follows and reads the padding to the
+    end, so the age stream is authenticated through its final chunk.
+
+    Tar headers are parsed by ``tarfile`` (any pax or GNU framing of regular members is
+    accepted, SPEC.md §6); member data is read here, in the stream's own pieces.
     """
 
     def __init__(
@@ -505,13 +604,10 @@ class BundleReader:
         envelope: EnvelopeHeader,
         me: bytes,
     ) -> None:
-        self._src = _RecentReader(_HeaderGuard(plaintext))
-        try:
-            self._tar = tarfile.open(fileobj=self._src, mode="r|", bufsize=_TAR_READ)  # type: ignore[call-overload]  # noqa: SIM115 - lives as long as the reader
-            raw = self._member(MEMBER_MANIFEST, max_size=MAX_MANIFEST)
-            sig = self._member(MEMBER_SIGNATURE, max_size=64)
-        except tarfile.TarError as e:
-            raise BundleError(f"not a valid bundle container: {e}") from e
+        self._src = _Source(plaintext)
+        self._tar = _Headers(self._src)
+        raw = self._member(MEMBER_MANIFEST, max_size=MAX_MANIFEST)
+        sig = self._member(MEMBER_SIGNATURE, max_size=64)
         verify(sender.verify_key, CTX_BUNDLE, raw, sig)
         m = Manifest.from_bytes(raw)
         if m.sender.sign_key != sender.sign_key or m.sender.enc_key != sender.enc_key:
@@ -530,35 +626,28 @@ class BundleReader:
 
     def _member(self, name: str, *, max_size: int) -> bytes:
         info = self._tar.next()
-        if info is None or info.name != name or not info.isreg():
+        if info is None or not _is_file(info, name):
             raise BundleError(f"bundle member {name!r} expected")
         if info.size > max_size:
             raise LimitError(f"bundle member {name!r} over {max_size} bytes")
-        f = self._tar.extractfile(info)
-        if f is None:
-            raise BundleError(f"bundle member {name!r} unreadable")
-        data: bytes = f.read()
+        data = self._src.read(info.size)
         if len(data) != info.size:
             raise BundleError(f"bundle member {name!r} is truncated")
+        self._src.skip(-info.size % tarfile.BLOCKSIZE)
         return data
 
-    def files(self) -> Iterator[tuple[FileEntry, SupportsRead]]:
-        """Yield each file with a reader; read each to its end before the next."""
+    def files(self) -> Iterator[tuple[FileEntry, FileReader]]:
+        """Yield each file with its reader; a file left unread is read and checked anyway."""
         for entry in self.manifest.files:
-            try:
-                info = self._tar.next()
-            except tarfile.TarError as e:
-                raise BundleError(f"bundle container broken before {entry.name!r}: {e}") from e
-            if info is None or info.name != FILES_DIR + entry.name or not info.isreg():
+            info = self._tar.next()
+            if not _is_file(info, FILES_DIR + entry.name):
                 raise BundleError(f"bundle member for {entry.name!r} missing or out of order")
-            if info.size != entry.size:
+            if entry.size != cast("tarfile.TarInfo", info).size:
                 raise BundleError(f"file {entry.name!r} has another size than signed")
-            f = self._tar.extractfile(info)
-            if f is None:
-                raise BundleError(f"bundle member {entry.name!r} unreadable")
-            reader = _HashingReader(f, entry, "does not match the sender's signed hash")
+            reader = FileReader(self._src, entry)
             yield entry, reader
             reader.drain()
+            self._src.skip(-entry.size % tarfile.BLOCKSIZE)
 
     def finish(self) -> None:
         """Refuse anything after the last file; read the zero padding to the age stream's end.
@@ -567,19 +656,20 @@ class BundleReader:
             BundleError: an extra member or non-zero padding.
             DecryptError: (from the age reader) the stream was cut or altered.
         """
-        try:
-            extra = self._tar.next()
-        except tarfile.TarError as e:
-            raise BundleError(f"bundle container broken at its end: {e}") from e
+        # The end-of-archive marker, the record padding and the Padmé padding must all be
+        # zero (SPEC.md §6, step 4), and the marker's two blocks must be there.
+        self._tar.seen = []
+        extra = self._tar.next()
         if extra is not None:
             raise BundleError(f"unexpected bundle member {extra.name!r}")
-        # tarfile reads ahead and stops at the first block that is not a valid header
-        # (zero or garbage), so check every byte from there: the end-of-archive marker,
-        # the record padding and the Padme padding must all be zero (SPEC.md §6, step 4).
-        self._src.check_zero_from(self._tar.offset, at_least=2 * tarfile.BLOCKSIZE)
-        while True:
-            chunk = self._src.read(_COPY)
-            if not chunk:
-                break
-            if chunk.count(0) != len(chunk):
+        zeros = 0
+        for data in self._tar.seen:
+            if not _is_zero(data):
+                raise BundleError("bundle padding is not zero (data after the last member)")
+            zeros += len(data)
+        while (view := self._src.view(_READ)) is not None:
+            if not _is_zero(view):
                 raise BundleError("bundle padding is not zero")
+            zeros += len(view)
+        if zeros < 2 * tarfile.BLOCKSIZE:
+            raise BundleError("bundle container has no end-of-archive marker")
