@@ -393,7 +393,13 @@ async def send(
     progress: Progress | None = None,
     relay: RelayClient | None = None,
 ) -> SentEnvelope:
-    """Build, sign, encrypt and upload one envelope; keep it in the local archive."""
+    """Build, sign, encrypt and upload one envelope; keep it in the local archive.
+
+    ``files`` must not change until this returns. Each is hashed once, for the manifest,
+    and not again while it is encrypted: a change the file system records (size, times,
+    inode) refuses the send, but one it does not (bytes changed through a shared memory
+    map before they are written back) would leave a bundle that the recipient refuses
+    for its hash. Pli's own commands send copies they made in the case folder."""
     profile = _session(home)
     for f in files:
         if not f.is_file():

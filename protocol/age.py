@@ -246,8 +246,8 @@ def _run_batch(
 class _Pipeline:
     """Runs the ChaCha20-Poly1305 calls on worker threads while the caller does I/O.
 
-    libsodium releases the GIL, so sealing or opening chunks overlaps with the
-    caller's reads and writes. Chunks go to workers in batches, because a thread
+    The AEAD calls (OpenSSL, through cryptography) release the GIL, so sealing or
+    opening chunks overlaps with the caller's reads and writes. Chunks go to workers in batches, because a thread
     hand-off costs about as much as sealing one 64 KiB chunk; results are written
     strictly in order, and at most ``_PIPELINE_DEPTH`` batches are in flight, so
     memory stays flat. Only the pure AEAD calls run on workers: the caller's

@@ -32,7 +32,7 @@ import nacl.signing
 from protocol import case, codec
 from protocol.age import SupportsRead, SupportsWrite
 from protocol.envelope import ID_SIZE, MAX_RECIPIENTS, EnvelopeHeader
-from protocol.errors import BundleError, DecodeError, LimitError, NotARecipientError
+from protocol.errors import BundleError, DecodeError, LimitError, NotARecipientError, PliError
 from protocol.keys import CTX_BUNDLE, DEVICE_ID_SIZE, DevicePublic, device_id_of, sign, verify
 
 __all__ = [
@@ -451,12 +451,20 @@ class _TarInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         info = super().frombuf(buf, encoding, errors)
+        if info.size < 0:  # a base-256 size field with its sign bit set
+            raise BundleError(f"bundle container: a tar header with a negative size ({info.size})")
+        if info.type in _REFUSED_TYPES:
+            # Never written by a Pli sender, and each makes tarfile keep or read more than a
+            # member's header budget (global pax records for the whole archive, old GNU
+            # sparse maps, Solaris extended headers).
+            raise BundleError(f"bundle container: tar header type {info.type!r} is not allowed")
         if info.type in _EXTENDED_TYPES and info.size > cls.MAX_EXTENDED:
             raise LimitError(f"bundle container: an extended tar header of {info.size} bytes")
         return info
 
 
-_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_EXTENDED_TYPES = (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+_REFUSED_TYPES = (tarfile.XGLTYPE, tarfile.GNUTYPE_SPARSE, tarfile.SOLARIS_XHDTYPE)
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 
 
@@ -482,7 +490,7 @@ class _Headers:
         self.seen: list[bytes] | None = None  # the bytes read, when asked to keep them
 
     def read(self, n: int) -> bytes:
-        if n > self._budget:
+        if n < 0 or n > self._budget:
             raise LimitError(f"bundle container: a member's tar headers take over {self.MAX_BYTES} bytes")
         self._budget -= n
         data = self._source.read(n)
@@ -507,8 +515,10 @@ class _Headers:
             return _TarInfo.fromtarfile(cast("tarfile.TarFile", self))
         except tarfile.HeaderError:  # also an extended header followed by no valid one
             return None
-        except (tarfile.TarError, ValueError) as e:  # e.g. a malformed GNU sparse record
-            raise BundleError(f"bundle container: {e}") from e
+        except PliError:
+            raise
+        except Exception as e:  # whatever tarfile raises on a malformed record: a bundle error
+            raise BundleError(f"bundle container: {type(e).__name__}: {e}") from e
 
 
 def _is_zero(data: bytes | memoryview) -> bool:

@@ -1067,7 +1067,7 @@ def _raw_header(name: bytes, typeflag: bytes, size: int) -> bytes:
     return bytes(block)
 
 
-@pytest.mark.parametrize("typeflag", [b"x", b"g", b"L", b"K"])
+@pytest.mark.parametrize("typeflag", [b"x", b"L", b"K"])  # (b"g": refused whatever its size)
 def test_huge_extended_header_is_refused_before_reading_it(typeflag: bytes) -> None:
     """Review finding: tarfile reads pax/GNU extended headers whole; a hostile sender declaring
     a huge one must be refused as soon as its header block passes, before any allocation."""

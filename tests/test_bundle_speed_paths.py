@@ -245,7 +245,7 @@ def test_sparse_member_is_refused() -> None:
 def test_endless_chain_of_extended_headers_is_refused() -> None:
     """New check: tarfile would follow extended headers recursively without end."""
     block = bundle._tarinfo("x", 0)
-    block.type = tarfile.XGLTYPE
+    block.type = tarfile.XHDTYPE
     chain = b"".join(block.tobuf(tarfile.USTAR_FORMAT) for _ in range(20))
     header = EnvelopeHeader(id=ENVELOPE_ID, sender=SENDER.device_id, to=(RECIPIENT.device_id,), created=1,
                             expires=2, size=0, sha256=bytes(32))
@@ -440,9 +440,38 @@ def test_old_gnu_sparse_map_without_end_is_refused() -> None:
     more[504] = 1  # and more to come
     header = EnvelopeHeader(id=ENVELOPE_ID, sender=SENDER.device_id, to=(RECIPIENT.device_id,), created=1,
                             expires=2, size=0, sha256=bytes(32))
-    with pytest.raises(LimitError, match="tar headers take over"):
+    with pytest.raises(BundleError, match="tar header type b'S' is not allowed"):
         BundleReader(io.BytesIO(bytes(block) + bytes(more) * 2000), sender=SENDER.public(), envelope=header,
                      me=RECIPIENT.device_id)
+
+
+def _hostile_block(typeflag: bytes, size_field: bytes) -> bytes:
+    block = bytearray(bundle._tarinfo("././@PaxHeader", 0).tobuf(tarfile.USTAR_FORMAT))
+    block[156:157] = typeflag
+    block[124:136] = size_field
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\x00 ".encode()
+    return bytes(block)
+
+
+@pytest.mark.parametrize(("typeflag", "size_field", "error"), [
+    # Review finding: a base-256 size with its sign bit set read as a negative length, which
+    # raised the header budget instead of spending it (then unbounded memory).
+    (b"x", b"\xff" * 12, "negative size"),
+    (b"L", b"\xff" * 12, "negative size"),
+    (b"0", b"\xff" * 12, "negative size"),
+    # Review finding: global pax records were kept for the whole archive and applied to
+    # every member; Solaris extended headers and old GNU sparse maps are refused alike.
+    (b"g", b"%011o\x00" % 20, "type b'g' is not allowed"),
+    (b"X", b"%011o\x00" % 20, "type b'X' is not allowed"),
+    (b"S", b"%011o\x00" % 20, "type b'S' is not allowed"),
+])
+def test_hostile_tar_headers_are_refused_at_their_first_block(typeflag: bytes, size_field: bytes, error: str) -> None:
+    header = EnvelopeHeader(id=ENVELOPE_ID, sender=SENDER.device_id, to=(RECIPIENT.device_id,), created=1,
+                            expires=2, size=0, sha256=bytes(32))
+    stream = io.BytesIO(_hostile_block(typeflag, size_field) + bytes(512) * 4000)
+    with pytest.raises(BundleError, match=error):
+        BundleReader(stream, sender=SENDER.public(), envelope=header, me=RECIPIENT.device_id)
 
 
 def test_opener_stays_failed_after_a_bad_chunk() -> None:
