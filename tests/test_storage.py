@@ -145,6 +145,17 @@ async def test_a_nonce_is_accepted_once_until_purged(storage: Storage) -> None:
     assert await storage.use_nonce(device, "n1", expires=NOW + 20)
 
 
+async def test_a_failed_write_returning_leaves_no_transaction_open(storage: Storage) -> None:
+    # One trip on SQLite (BEGIN, the statement, COMMIT): a failing statement is rolled back
+    # there, and the next write goes through.
+    with pytest.raises(Exception, match=r"(?i)null"):
+        await storage.write_returning("INSERT INTO nonces (device_id, nonce, expires) VALUES (?, ?, NULL)"
+                                      " RETURNING nonce", [os.urandom(16), "n"])
+    assert await storage.write_returning("INSERT INTO nonces (device_id, nonce, expires) VALUES (?, ?, ?)"
+                                         " RETURNING nonce", [os.urandom(16), "n", NOW]) == [("n",)]
+    assert await storage.use_nonce(os.urandom(16), "m", expires=NOW)
+
+
 async def test_nonces_spent_at_once_are_written_together_and_each_is_fresh_once(storage: Storage) -> None:
     # Requests that arrive together have their nonces written in one statement; a nonce
     # twice in one group is fresh for the first request only, whatever the order.

@@ -175,6 +175,11 @@ class Storage(ABC):
     async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
         """Rows of a read outside any write transaction (only committed data)."""
 
+    async def write_returning(self, sql: str, args: Sequence[Any]) -> list[Row]:
+        """One statement in its own transaction, and the rows it returns (SQLite: one trip)."""
+        async with self.transaction() as db:
+            return await db.fetchall(sql, args)
+
     async def read_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
         """The rows of each query, as :meth:`read_all` (SQLite: in one trip and one snapshot)."""
         return [await self.read_all(sql, args) for sql, args in queries]
@@ -439,12 +444,11 @@ class Storage(ABC):
                 fresh.setdefault((device_id, nonce), expires)  # a second copy in one group is a replay
             try:
                 values = ", ".join("(?, ?, ?)" for _ in fresh)
-                async with self.transaction() as db:
-                    rows = await db.fetchall(
-                        f"INSERT INTO nonces (device_id, nonce, expires) VALUES {values}"  # noqa: S608 - placeholders only
-                        " ON CONFLICT DO NOTHING RETURNING device_id, nonce",
-                        [v for (d, n), e in fresh.items() for v in (d, n, e)],
-                    )
+                rows = await self.write_returning(
+                    f"INSERT INTO nonces (device_id, nonce, expires) VALUES {values}"  # noqa: S608 - placeholders only
+                    " ON CONFLICT DO NOTHING RETURNING device_id, nonce",
+                    [v for (d, n), e in fresh.items() for v in (d, n, e)],
+                )
             except Exception as e:  # each caller gets the error (a 503); none is lost
                 for *_, future in group:
                     if not future.done():

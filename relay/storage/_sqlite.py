@@ -175,6 +175,28 @@ class SqliteStorage(Storage):
         """
         return list(await self._reader.execute_fetchall(sql, tuple(args)))  # type: ignore[arg-type]
 
+    async def write_returning(self, sql: str, args: Sequence[Any]) -> list[Row]:
+        # BEGIN, the statement and COMMIT in one trip to the writer's thread, under the
+        # write lock: the request nonces' groups, which every signed request waits for.
+        async with self._write_lock:
+            db = self._db
+
+            def run() -> list[Row]:
+                conn = db._conn  # noqa: SLF001 - on the connection's own thread
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    rows = list(conn.execute(sql, tuple(args)).fetchall())
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):  # never hide the error that caused it
+                            conn.execute("ROLLBACK")
+                    raise
+                return rows
+
+            result: list[Row] = await db._execute(run)  # type: ignore[no-untyped-call]  # noqa: SLF001
+            return result
+
     async def read_many(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
         # One call on the reader's thread for them all (see _SqliteTx), in one snapshot.
         reader = self._reader
