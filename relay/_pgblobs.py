@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from relay.blobs import BlobStore, Upload
+from relay.blobs import BlobStore, Upload, range_bounds
 from relay.errors import RelayError
 from relay.storage import Storage
 
@@ -138,14 +138,8 @@ class PgBlobStore(BlobStore):
         size = await self._end(envelope_id)
         if size is None:
             raise RelayError("not_found", 404, "no such envelope")
-        start, stop, status = 0, size, 200
-        if "Range" in request.headers:  # checked by the route already: bytes=a-, a-b or -n
-            rng = request.http_range
-            if rng.start is not None and rng.start < 0 and rng.stop is None:
-                start = max(0, size + rng.start)
-            elif rng.start is not None:
-                start, stop = rng.start, min(rng.stop if rng.stop is not None else size, size)
-            status = 206
+        start, stop, partial = range_bounds(request, size)
+        status = 206 if partial else 200
         resp = web.StreamResponse(status=status, headers={"Content-Type": content_type, "Accept-Ranges": "bytes"})
         resp.content_length = stop - start
         if status == 206:

@@ -37,7 +37,20 @@ if TYPE_CHECKING:
     from relay.config import RelayConfig
     from relay.storage import Storage
 
-__all__ = ["BlobStore", "FsBlobStore", "Upload", "open_blobs"]
+__all__ = ["BlobStore", "FsBlobStore", "Upload", "open_blobs", "range_bounds"]
+
+
+def range_bounds(request: web.Request, size: int) -> tuple[int, int, bool]:
+    """``(start, stop, partial)`` of the bytes a request's ``Range`` asks of ``size``
+    (checked by the route already: ``bytes=a-``, ``a-b`` or ``-n``); the whole if none."""
+    if "Range" not in request.headers:
+        return 0, size, False
+    rng = request.http_range
+    if rng.start is not None and rng.start < 0 and rng.stop is None:
+        return max(0, size + rng.start), size, True
+    if rng.start is not None:
+        return rng.start, min(rng.stop if rng.stop is not None else size, size), True
+    return 0, size, True
 
 
 class Upload(ABC):

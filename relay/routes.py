@@ -36,6 +36,7 @@ from relay.app import (
     UPLOAD_LOCKS,
     UploadSlot,
 )
+from relay.blobs import range_bounds
 from relay.config import MAX_INBOX_WAIT
 from relay.errors import RelayError, not_found
 from relay.limits import BodyReader, client_address
@@ -310,7 +311,8 @@ async def get_envelope(request: web.Request) -> web.StreamResponse:
         if row.state == "uploading" and row.sender == device.device_id:
             raise RelayError("not_found", 404, "this envelope's upload is not complete")
         raise not_found("no such envelope")
-    inline = await request.app[STORAGE].inline_blob(row.id)
+    # Only a small envelope can be in its row: a large one's download reads no more.
+    inline = await request.app[STORAGE].inline_blob(row.id) if row.size <= INLINE_MAX else None
     if inline is not None:
         _check_range(request, len(inline))
         return _bytes_response(request, inline)
@@ -324,14 +326,9 @@ async def get_envelope(request: web.Request) -> web.StreamResponse:
 
 def _bytes_response(request: web.Request, data: bytes) -> web.Response:
     """A small envelope kept in its row, whole or the Range asked for (checked already)."""
-    start, stop = 0, len(data)
-    if "Range" not in request.headers:
+    start, stop, partial = range_bounds(request, len(data))
+    if not partial:
         return web.Response(body=data, headers={"Content-Type": ENVELOPE_TYPE, "Accept-Ranges": "bytes"})
-    rng = request.http_range
-    if rng.start is not None and rng.start < 0 and rng.stop is None:
-        start = max(0, stop + rng.start)
-    elif rng.start is not None:
-        start, stop = rng.start, min(rng.stop if rng.stop is not None else stop, stop)
     return web.Response(body=data[start:stop], status=206, headers={
         "Content-Type": ENVELOPE_TYPE, "Accept-Ranges": "bytes",
         "Content-Range": f"bytes {start}-{stop - 1}/{len(data)}"})
