@@ -12,10 +12,11 @@ GET is a ``FileResponse``). Each phase runs after ``sync`` so no phase pays for 
 previous one's disk writeback; the peak RSS (VmHWM) of the client and of the server is
 reset before each phase (``/proc/<pid>/clear_refs``) and read after it.
 
-Phases: baseline PUT, relay upload (signed PUT + PATCH pieces of ``UPLOAD_CHUNK``),
-baseline GET, relay download (``RelayClient.download`` into a file), then the two
-resumes: an upload whose connection is killed in the middle of a piece past half-way,
-resumed by calling ``upload`` again (bytes sent the second time are counted), and a
+Phases: baseline PUT, relay upload (``RelayClient.upload``: a signed PUT of the prefix,
+then one signed PATCH streaming the ciphertext), baseline GET, relay download
+(``RelayClient.download`` into a file), then the two resumes: an upload whose connection
+is killed half-way through its PATCH, resumed by calling ``upload`` again from the
+relay's offset (bytes sent the second time are counted), and a
 download (``client.core._download``, which keeps ``.age.part``) cut half-way and resumed
 with a ``Range`` request. The last lines are the figures and the ratios.
 """
@@ -232,32 +233,37 @@ class CountingClient(RelayClient):
         self.range_from: int | None = None
         self.kill_after = kill_after
 
-    async def _request(self, method: str, path: str, *, body: bytes = b"", **kw: Any) -> Any:
+    async def _request(self, method: str, path: str, *, body: bytes = b"", stream: Any = None, **kw: Any) -> Any:
         query = kw.get("query") or {}
         offset = int(query.get("offset", 0))
+        length = stream.length if stream is not None else len(body)
         if method in {"PUT", "PATCH"}:
-            self.requests.append((method, offset, len(body)))
-        if method == "PATCH" and self.kill_after is not None and offset >= self.kill_after:
-            self.kill_after = None
-            await self._killed_patch(path, body, query)
+            self.requests.append((method, offset, length))
+        if method == "PATCH" and stream is not None and self.kill_after is not None:
+            upto, self.kill_after = self.kill_after - offset, None
+            await self._killed_patch(path, stream, kw["digest"], query, upto)
         if method in {"PUT", "PATCH"}:
-            self.sent += len(body)
-        return await super()._request(method, path, body=body, **kw)
+            self.sent += length
+        return await super()._request(method, path, body=body, stream=stream, **kw)
 
-    async def _killed_patch(self, path: str, body: bytes, query: dict[str, str]) -> None:
-        """Send a correctly signed PATCH whose connection dies after half its body."""
+    async def _killed_patch(self, path: str, stream: Any, digest: bytes, query: dict[str, str], upto: int) -> None:
+        """Send a correctly signed PATCH whose connection dies once ``upto`` body bytes are sent."""
         url = self._url(path, query)
-        headers = self._sign("PATCH", url, body)
+        headers = self._sign("PATCH", url, b"", digest)
         headers["Content-Type"] = "application/octet-stream"
-        headers["Content-Length"] = str(len(body))
-        half = len(body) // 2
+        headers["Content-Length"] = str(stream.length)
         reader, writer = await asyncio.open_connection(url.host, url.port)
         head = f"PATCH {url.raw_path_qs} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        writer.write(head.encode() + body[:half])
-        await writer.drain()
-        self.sent += half
-        await asyncio.sleep(0.05)
+        writer.write(head.encode())
+        chunks = stream.chunks()
+        async for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            self.sent += len(chunk)
+            if self.sent >= upto:
+                break
+        await chunks.aclose()
         writer.transport.abort()  # a cable pulled: no FIN, no rest of the body
         del reader
         raise Cut
@@ -389,7 +395,7 @@ async def run(args: argparse.Namespace, work: Path, t0: float) -> bool:  # noqa:
                     await baseline_upload(base_url, src, fsync=True)
                 keep(p)
 
-        # -- resume an upload whose connection died mid-piece past half-way
+        # -- resume an upload whose connection died half-way through its PATCH
         print("resume:")
         eid, prefix = prepare(sender, recipient, size, digest)
         cut = CountingClient(relay_url, sender, kill_after=size // 2)
@@ -400,23 +406,18 @@ async def run(args: argparse.Namespace, work: Path, t0: float) -> bool:  # noqa:
             except Cut:
                 pass
         first_sent = cut.sent
-        await asyncio.sleep(0.2)  # the relay notices the dead connection and truncates
-        async with RelayClient(relay_url, sender) as r:
-            held = int((await r.status(eid))["offset"])
         again_up = CountingClient(relay_url, sender)
         async with again_up:
-            state = await again_up.upload(eid, prefix, src)
+            state = await again_up.upload(eid, prefix, src)  # its PUT waits for the cut PATCH's end
         second = again_up.sent
         patches = [o for m, o, _ in again_up.requests if m == "PATCH"]
         if not state["complete"]:
             raise BenchError("the resumed upload did not complete")
-        resumed_at = patches[0] if patches else size
-        first_piece = again_up.requests[0][2]
-        up_ok = resumed_at == held and second == size - held + first_piece
-        print(f"  upload cut mid-piece after {_fmt(first_sent)} sent; the relay kept {_fmt(held)} "
-              f"(whole pieces only); the second upload() sent {_fmt(second)}: the PUT re-sent "
-              f"{_fmt(first_piece)} (prefix + first piece, skipped by the relay), then PATCHes from "
-              f"offset {resumed_at} ({_fmt(size - held)}) -> {'OK' if up_ok else 'WRONG'}")
+        held = patches[0] if patches else size
+        up_ok = 0 < held <= first_sent and second == len(prefix) + size - held
+        print(f"  upload cut after {_fmt(first_sent)} of ciphertext sent; the relay kept {_fmt(held)} "
+              f"(what reached it); the second upload() sent {_fmt(second)}: its PUT the prefix, then one "
+              f"PATCH from offset {held} ({_fmt(size - held)}) -> {'OK' if up_ok else 'WRONG'}")
         ok &= up_ok
 
         # -- resume a download cut half-way (client.core._download keeps <id>.age.part)
@@ -509,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="ciphertext size, e.g. 64M, 1G [1G]")
     ap.add_argument("--quick", action="store_true", help="CI: 32 MiB, one round")
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the four timed phases; best is kept [2]")
-    ap.add_argument("--chunk", type=parse_size, help="override client.api.UPLOAD_CHUNK for this run")
+    ap.add_argument("--chunk", type=parse_size,
+                    help="override client.api.UPLOAD_CHUNK (the one-PUT size, and the fallback PATCH size)")
     ap.add_argument("--fsync-baseline", action="store_true", help="also time a baseline upload that fsyncs")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a ratio is under 80 %%")
     ap.add_argument("--profile", type=Path, help="py-spy the relay during its uploads, folded stacks into this folder")

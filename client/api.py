@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,14 @@ import nacl.signing
 from yarl import URL
 
 from protocol import codec, httpsig
+from protocol.envelope import EnvelopeHeader, split_prefix
 from protocol.errors import PliError
 from protocol.keys import DeviceKeys
 
 __all__ = ["RelayClient", "RelayProblem", "RelayUnreachable"]
 
 ENVELOPE_TYPE = "application/vnd.pli.envelope"
-UPLOAD_CHUNK = 4 << 20  # under the relay's default 8 MiB request limit
+UPLOAD_CHUNK = 4 << 20  # under the relay's default 8 MiB request limit: a PUT's most, a fallback PATCH's
 _READ = 1 << 18
 
 Progress = Callable[[int, int], None]
@@ -117,14 +119,20 @@ class RelayClient:
         signed: bool = True,
         ok: tuple[int, ...] = (200, 201),
         digest: bytes | None = None,
+        stream: _Stream | None = None,
     ) -> Any:
-        """``digest``: the body's SHA-256, when the caller has it already."""
+        """``digest``: the body's SHA-256, when the caller has it already (required with
+        ``stream``, a body sent as it is read rather than held in memory)."""
         url = self._url(path, query)
         headers = self._sign(method, url, body, digest) if signed else {}
         if content_type:
             headers["Content-Type"] = content_type
+        data: bytes | AsyncIterator[bytes] | None = body or None
+        if stream is not None:
+            headers["Content-Length"] = str(stream.length)
+            data = stream.chunks()
         try:
-            async with self.session.request(method, url, data=body or None, headers=headers) as resp:
+            async with self.session.request(method, url, data=data, headers=headers) as resp:
                 if resp.status not in ok:
                     await _raise_problem(resp)
                 return await resp.json()
@@ -227,50 +235,46 @@ class RelayClient:
     async def upload(
         self, envelope_id: bytes, prefix: bytes, ciphertext: Path, *, progress: Progress | None = None
     ) -> dict[str, Any]:
-        """Upload an envelope in signed requests of at most ``UPLOAD_CHUNK`` bytes, resuming
-        where the relay stopped if an earlier attempt was cut."""
+        """Upload an envelope, resuming where the relay stopped if an earlier attempt was cut.
+
+        An envelope of at most ``UPLOAD_CHUNK`` bytes goes in one PUT. A bigger one: its
+        prefix in a PUT, then its ciphertext streamed from the file in one PATCH (SPEC 7.4),
+        whose Content-Digest is the header's SHA-256: no second pass over the file. A relay
+        keeps the bytes of a cut PATCH, so the next call resumes from its offset (hashing
+        the rest first). If the relay or a proxy refuses so big a body (413), the rest goes
+        in PATCHes of ``UPLOAD_CHUNK`` bytes, as older relays require.
+        """
         size = ciphertext.stat().st_size
         path = f"/v1/envelopes/{envelope_id.hex()}"
-
-        def piece(offset: int) -> tuple[int, bytes, bytes]:
-            # Its own file handle: one piece may be read (on a thread) while another is sent.
-            with ciphertext.open("rb") as f:
-                f.seek(offset)
-                data = f.read(UPLOAD_CHUNK)
-            return offset, data, hashlib.sha256(data).digest()
-
-        with ciphertext.open("rb") as f:
-            first = f.read(max(0, UPLOAD_CHUNK - len(prefix)))
-        state: dict[str, Any] = {"complete": False, "offset": len(first)}
-        # The next piece is read and hashed while the relay takes this one (the relay
-        # answers each piece before the next is sent); if the relay asks for another
-        # offset than expected (a retry, a conflict), that read is dropped.
-        ahead = asyncio.ensure_future(asyncio.to_thread(piece, len(first))) if len(first) < size else None
-        try:
-            state = await self._request("PUT", path, body=prefix + first, content_type=ENVELOPE_TYPE)
+        if len(prefix) + size <= UPLOAD_CHUNK:
+            state: dict[str, Any] = await self._request(
+                "PUT", path, body=prefix + await asyncio.to_thread(ciphertext.read_bytes), content_type=ENVELOPE_TYPE)
+        else:
+            signed = split_prefix(prefix)
+            if signed is None:
+                raise PliError("the envelope's prefix is incomplete", code="bad_envelope")
+            whole = EnvelopeHeader.from_bytes(signed[0].raw).sha256
+            state = await self._request("PUT", path, body=prefix, content_type=ENVELOPE_TYPE)
+            piece: int | None = None  # bytes per PATCH; None: the whole rest
             while not state["complete"]:
                 offset = int(state["offset"])
                 if progress:
                     progress(offset, size)
-                got = await ahead if ahead is not None else None
-                ahead = None
-                if got is None or got[0] != offset:
-                    got = await asyncio.to_thread(piece, offset)
-                _, chunk, digest = got
-                if offset + len(chunk) < size:
-                    ahead = asyncio.ensure_future(asyncio.to_thread(piece, offset + len(chunk)))
+                end = size if piece is None else min(size, offset + piece)
+                digest = whole if (offset, end) == (0, size) else await asyncio.to_thread(
+                    _sha256_range, ciphertext, offset, end)
+                body = _Stream(ciphertext, offset, end, (lambda done: progress(done, size)) if progress else None)
                 try:
                     state = await self._request(
-                        "PATCH", path, body=chunk, content_type="application/octet-stream",
+                        "PATCH", path, stream=body, content_type="application/octet-stream",
                         query={"offset": str(offset)}, digest=digest,
                     )
                 except RelayProblem as e:
-                    if e.code != "offset_mismatch" or "offset" not in e.body:
+                    if e.status == 413 and piece is None:
+                        piece = UPLOAD_CHUNK
+                    elif e.code != "offset_mismatch" or "offset" not in e.body:
                         raise
-                    state = {"complete": False, "offset": e.body["offset"]}
-        finally:
-            if ahead is not None:
-                ahead.cancel()  # its thread finishes reading on its own; nothing else to undo
+                    state = {"complete": False, "offset": e.body.get("offset", offset)}
         if progress:
             progress(size, size)
         return state
@@ -320,6 +324,50 @@ async def _raise_problem(resp: aiohttp.ClientResponse) -> None:
     if isinstance(body, dict) and isinstance(body.get("code"), str):
         raise RelayProblem(resp.status, body["code"], str(body.get("detail", "")), body)
     raise RelayProblem(resp.status, "http_error", f"the relay answered HTTP {resp.status}")
+
+
+class _Stream:
+    """Bytes ``start``..``end`` of a file, read in a thread a piece ahead of the one being
+    sent: memory holds two pieces, whatever the file's size."""
+
+    PIECE = 1 << 20
+
+    def __init__(self, path: Path, start: int, end: int, sent: Callable[[int], None] | None) -> None:
+        self.path, self.start, self.length = path, start, end - start
+        self._sent = sent
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            left = self.length
+            ahead: asyncio.Future[bytes] | None = asyncio.ensure_future(
+                asyncio.to_thread(f.read, min(self.PIECE, left)))
+            try:
+                while ahead is not None:
+                    data = await ahead
+                    if not data:
+                        raise PliError(f"{self.path.name} got shorter while it was sent", code="file_changed")
+                    left -= len(data)
+                    ahead = None if left <= 0 else asyncio.ensure_future(
+                        asyncio.to_thread(f.read, min(self.PIECE, left)))
+                    yield data
+                    if self._sent:
+                        self._sent(self.start + self.length - left)
+            finally:
+                if ahead is not None:  # the request was cut: let the read end before the file closes
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(ahead)
+
+
+def _sha256_range(path: Path, start: int, end: int) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0 and (data := f.read(min(1 << 20, left))):
+            h.update(data)
+            left -= len(data)
+    return h.digest()
 
 
 def b64(data: bytes) -> str:

@@ -276,6 +276,32 @@ async def test_a_big_envelope_streams_through_the_proxy_both_ways(proxied: Proxi
         assert down.body == body
 
 
+async def test_an_envelope_over_the_proxys_body_limit_goes_in_pieces(proxied: Proxied, tmp_path: Path) -> None:
+    # The client sends the ciphertext in one PATCH; nginx refuses a body over its
+    # client_max_body_size (413, its own HTML page), and the client goes on in 4 MiB pieces.
+    code = str((await _relay_cli("invite", "--data", str(proxied.data), "--rpps", "10000005479",
+                                 "--name", "Dr Claire Martin", "--profession", "médecin", "--json"))["code"])
+    keys = DeviceKeys.generate(now=int(time.time()))
+    ciphertext = os.urandom(MAX_REQUEST + (3 << 20))  # over nginx's limit here (max_request + 1 MiB)
+    path = tmp_path / "ct.age"
+    path.write_bytes(ciphertext)
+    eid, prefix = make_envelope(keys, [keys.device_id], ciphertext, now=int(time.time()))
+    offsets: list[int] = []
+    os.environ["PLI_CA_FILE"] = str(proxied.cert)
+    try:
+        async with RelayClient(proxied.url, keys) as client:
+            await client.enroll(code, keys.public().to_record())
+            state = await client.upload(eid, prefix, path, progress=lambda done, _total: offsets.append(done))
+    finally:
+        del os.environ["PLI_CA_FILE"]
+    assert (state["complete"], state["offset"]) == (True, len(ciphertext))
+    assert state["receipt"]["type"] == "submitted"
+    assert (proxied.data / "blobs" / eid.hex()[:2] / eid.hex()).read_bytes() == prefix + ciphertext
+    access = (proxied.prefix / "access.log").read_text(encoding="utf-8")
+    assert " 413 " in access  # the whole-rest PATCH, refused by nginx
+    assert access.count("PATCH /v1/envelopes/") >= 1 + len(ciphertext) // (4 << 20)
+
+
 async def test_readiness_and_metrics_answer_allowed_addresses_only(proxied: Proxied) -> None:
     # This machine (127.0.0.1, allowed) gets them through the proxy; any other address
     # (here 127.0.0.2, a different source address on the loopback) is refused by nginx,

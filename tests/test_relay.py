@@ -7,9 +7,13 @@ import asyncio
 import base64
 import hashlib
 import os
+import socket
+import struct
+import time
 from pathlib import Path
 
-from conftest import CARDIO, DERM, GP, PRACTITIONERS, Relay, assert_problem, make_envelope
+import pytest
+from conftest import CARDIO, DERM, GP, PRACTITIONERS, Relay, assert_problem, make_envelope, sign_headers
 
 from client import core
 from client.api import RelayClient
@@ -17,6 +21,7 @@ from protocol.envelope import split_prefix
 from protocol.keys import DeviceKeys, DevicePublic
 from protocol.logentry import EntryType, LogEntry
 from protocol.note import TlogProof, Verifier
+from relay import blobs as relay_blobs
 from relay.app import UPLOAD_LOCKS
 from relay.routes import ENVELOPE_TYPE, _upload_lock, purge_once
 from tools.case_samples import answer_body, request_body
@@ -476,6 +481,115 @@ async def test_client_upload_resumes_past_the_piece_it_read_ahead(relay: Relay, 
     assert (state["complete"], state["offset"]) == (True, len(ct))
     assert offsets[0] == held
     assert relay.stored_blob(eid) == prefix + ct
+
+
+async def _cut_patch(relay: Relay, keys: DeviceKeys, eid: bytes, offset: int, body: bytes, *, send: int,
+                     digest_of: bytes | None = None) -> None:
+    """A signed PATCH whose connection is reset (a cable pulled) once the relay has written
+    ``send`` of its bytes into the upload's part file."""
+    path = f"/v1/envelopes/{eid.hex()}?offset={offset}"
+    headers = sign_headers(keys, "PATCH", relay.u(path), body, created=relay.clock(), digest_of=digest_of)
+    head = [f"PATCH {path} HTTP/1.1", f"Host: 127.0.0.1:{relay.server.port}",
+            "Content-Type: application/octet-stream", f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in headers.items())]
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body[:send])
+    await writer.drain()
+    part = relay.incoming / f"{eid.hex()}.part"
+    start = part.stat().st_size
+    deadline = time.monotonic() + 30
+    while part.stat().st_size < start + send:  # the relay's own file: a real condition, polled
+        assert time.monotonic() < deadline, "the relay never wrote the bytes sent"
+        await asyncio.sleep(0.01)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    del reader
+
+
+async def test_a_cut_patch_keeps_what_arrived_and_the_upload_resumes(relay: Relay, tmp_path: Path) -> None:
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    ct = os.urandom(6 << 20)  # over the client's one-PUT size
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix)).json()["offset"] == 0
+    # The whole ciphertext in one PATCH from 0 (hashed once, for both checks), cut.
+    await _cut_patch(relay, gp.keys, eid, 0, ct, send=(1 << 20) + 12_345)
+    # A retried PUT waits for the cut request's end (the envelope's lock): it sees the bytes kept.
+    held = (await relay.put(gp.keys, eid, prefix)).json()["offset"]
+    assert held == (1 << 20) + 12_345
+    assert relay.query("SELECT received, state FROM envelopes") == [(held, "uploading")]
+    assert (relay.incoming / f"{eid.hex()}.part").read_bytes() == prefix + ct[:held]
+    # Cut again, from there (its own Content-Digest, and the running hash goes on).
+    await _cut_patch(relay, gp.keys, eid, held, ct[held:], send=1 << 20)
+    path = tmp_path / "ct.age"
+    path.write_bytes(ct)
+    offsets: list[int] = []
+    async with RelayClient(relay.url, gp.keys) as client:
+        state = await client.upload(eid, prefix, path, progress=lambda done, _total: offsets.append(done))
+    assert offsets[0] == held + (1 << 20)  # the client resumed where the relay stopped
+    assert (state["complete"], state["offset"], state["receipt"]["type"]) == (True, len(ct), "submitted")
+    assert relay.stored_blob(eid) == prefix + ct
+    assert relay.incoming_files() == []
+
+
+async def test_bytes_kept_from_a_cut_patch_are_checked_at_the_end(relay: Relay) -> None:
+    # A cut request's bytes cannot be checked against its Content-Digest: wrong ones are
+    # kept, and the header's SHA-256 refuses the whole ciphertext once it is complete.
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    ct = os.urandom(2 << 20)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix + ct[:1000])).status == 200
+    wrong = bytes(len(ct) - 1000)
+    await _cut_patch(relay, gp.keys, eid, 1000, wrong, send=1 << 20, digest_of=ct[1000:])
+    held = (await relay.put(gp.keys, eid, prefix)).json()["offset"]
+    assert held == 1000 + (1 << 20)
+    assert_problem(await relay.patch(gp.keys, eid, held, ct[held:]), 400, "digest_mismatch")
+    relay.assert_nothing_stored()
+    assert_problem(await relay.get(gp.keys, f"/v1/envelopes/{eid.hex()}/status"), 404, "not_found")
+
+
+async def test_a_long_patch_is_synced_behind_as_it_arrives(relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Written bytes go to the disk every _WRITE_BEHIND bytes, in a thread, while more arrive;
+    # a refused request, a cut one and a whole one each end with the part as they should.
+    monkeypatch.setattr(relay_blobs, "_WRITE_BEHIND", 64 << 10)
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    ct = os.urandom(3 << 20)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    assert (await relay.put(gp.keys, eid, prefix)).status == 200
+    part = relay.incoming / f"{eid.hex()}.part"
+    assert_problem(await relay.patch(gp.keys, eid, 0, ct, digest_of=b"other bytes"), 400, "digest_mismatch")
+    assert part.stat().st_size == len(prefix)
+    await _cut_patch(relay, gp.keys, eid, 0, ct, send=1 << 20)
+    held = (await relay.put(gp.keys, eid, prefix)).json()["offset"]
+    assert held == 1 << 20
+    r = await relay.patch(gp.keys, eid, held, ct[held:])
+    assert r.status == 201
+    assert relay.stored_blob(eid) == prefix + ct
+
+
+async def test_a_cut_new_envelope_leaves_nothing(relay: Relay) -> None:
+    # Bytes are kept from a cut PATCH only: a PUT cut before its end created no upload.
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    ct = os.urandom(1 << 20)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    path = f"/v1/envelopes/{eid.hex()}"
+    body = prefix + ct
+    headers = sign_headers(gp.keys, "PUT", relay.u(path), body, created=relay.clock())
+    head = [f"PUT {path} HTTP/1.1", f"Host: 127.0.0.1:{relay.server.port}", f"Content-Type: {ENVELOPE_TYPE}",
+            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body[: len(body) // 2])
+    await writer.drain()
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    del reader
+    # The same PUT, whole: it waits for the cut one's end (the envelope's lock), then goes in.
+    assert (await relay.put(gp.keys, eid, body)).status == 201
+    assert relay.stored_blob(eid) == body
+    assert relay.incoming_files() == []
 
 
 async def test_wrong_ciphertext_hash_leaves_nothing(relay: Relay) -> None:

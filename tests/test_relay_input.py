@@ -309,11 +309,13 @@ async def test_request_over_max_request_is_413(relay_factory) -> None:
     assert_problem(reply, 413, "too_large")
     _assert_clean(relay)
 
-    # The same for PATCH once an upload exists.
+    # A PATCH may carry the whole rest of the ciphertext (over max_request), never more:
+    # refused from its declared length, or as it streams.
     first = prefix + ct[:1000]
     assert (await relay.put(gp, eid, first)).status == 200
-    assert_problem(await relay.patch(gp, eid, 1000, ct[1000 : 1000 + limit + 1]), 413, "too_large")
-    big = ct[1000 : 1000 + 2 * limit]
+    over = ct[1000:] + b"x"
+    assert_problem(await relay.patch(gp, eid, 1000, over), 413, "too_large")
+    big = over
 
     async def patch_chunks() -> AsyncIterator[bytes]:
         for i in range(0, len(big), 8192):
@@ -324,13 +326,15 @@ async def test_request_over_max_request_is_413(relay_factory) -> None:
     [part] = relay.incoming_files()
     assert part.stat().st_size == len(prefix) + 1000
 
-    # Under the limit, in several requests, it all goes in.
+    # Under the limit, in several requests, it all goes in; the last one over max_request.
     offset = 1000
-    while offset < len(ct):
+    while offset < limit:
         chunk = ct[offset : offset + limit - 1]
         r = await relay.patch(gp, eid, offset, chunk)
-        assert r.status in (200, 201)
+        assert r.status == 200
         offset = r.json()["offset"]
+    assert len(ct) - offset > limit
+    assert (await relay.patch(gp, eid, offset, ct[offset:])).status == 201
     assert relay.blob_path(eid).read_bytes() == prefix + ct
 
 

@@ -613,6 +613,8 @@ _FLOWS: list[Callable[..., Awaitable[Any]]] = [
     test_relay.test_old_nonces_are_purged,
     test_relay.test_put_is_idempotent_and_conflicts_on_other_content,
     test_relay.test_chunked_resumable_upload,
+    test_relay.test_a_cut_patch_keeps_what_arrived_and_the_upload_resumes,
+    test_relay.test_bytes_kept_from_a_cut_patch_are_checked_at_the_end,
     test_relay.test_inbox_lists_oldest_first_and_only_own_envelopes,
 ]
 
