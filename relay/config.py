@@ -40,7 +40,7 @@ class RelayConfig:
     listen: str = "127.0.0.1:8470"
     """HOST:PORT to listen on; port 0 picks a free one (printed at start)."""
     max_request: int = 8 << 20
-    """Largest request body, bytes; larger envelopes are uploaded in several requests."""
+    """Largest request body, bytes, but for a PATCH, which may carry the rest of its envelope (SPEC §7.4)."""
     max_envelope: int = 2 << 30
     """Largest envelope (ciphertext), bytes."""
     max_skew: int = 300
