@@ -137,6 +137,8 @@ class RelayClient:
                     await _raise_problem(resp)
                 return await resp.json()
         except aiohttp.ClientError as e:
+            if stream is not None and stream.failed is not None:
+                raise stream.failed from e
             raise RelayUnreachable(f"cannot reach the relay at {self.base}: {e}") from e
 
     # -- endpoints -----------------------------------------------------------------------
@@ -335,6 +337,9 @@ class _Stream:
     def __init__(self, path: Path, start: int, end: int, sent: Callable[[int], None] | None) -> None:
         self.path, self.start, self.length = path, start, end - start
         self._sent = sent
+        #: why the stream stopped short, if it did: aiohttp reports it as a lost
+        #: connection, and the user must hear about the file instead
+        self.failed: PliError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         with self.path.open("rb") as f:
@@ -346,7 +351,8 @@ class _Stream:
                 while ahead is not None:
                     data = await ahead
                     if not data:
-                        raise PliError(f"{self.path.name} got shorter while it was sent", code="file_changed")
+                        self.failed = PliError(f"{self.path.name} got shorter while it was sent", code="file_changed")
+                        raise self.failed
                     left -= len(data)
                     ahead = None if left <= 0 else asyncio.ensure_future(
                         asyncio.to_thread(f.read, min(self.PIECE, left)))

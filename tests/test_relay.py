@@ -18,6 +18,7 @@ from conftest import CARDIO, DERM, GP, PRACTITIONERS, Relay, assert_problem, mak
 from client import core
 from client.api import RelayClient
 from protocol.envelope import split_prefix
+from protocol.errors import PliError
 from protocol.keys import DeviceKeys, DevicePublic
 from protocol.logentry import EntryType, LogEntry
 from protocol.note import TlogProof, Verifier
@@ -480,6 +481,33 @@ async def test_client_upload_resumes_past_the_piece_it_read_ahead(relay: Relay, 
         state = await client.upload(eid, prefix, path, progress=lambda done, _total: offsets.append(done))
     assert (state["complete"], state["offset"]) == (True, len(ct))
     assert offsets[0] == held
+    assert relay.stored_blob(eid) == prefix + ct
+
+
+async def test_a_file_that_gets_shorter_while_it_streams_is_said_so(relay: Relay, tmp_path: Path) -> None:
+    # The ciphertext file is cut short (another program, a full disk's cleanup) while the
+    # PATCH streams it. The user is told the file changed, not that the relay is
+    # unreachable; and the relay keeps what arrived, which a later upload resumes from.
+    gp = await relay.enroll(GP)
+    derm = await relay.enroll(DERM)
+    ct = os.urandom(9 << 20)
+    path = tmp_path / "ct.age"
+    path.write_bytes(ct)
+    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+
+    def shorten(done: int, _total: int) -> None:
+        if done > 0 and path.stat().st_size == len(ct):
+            with path.open("r+b") as f:
+                f.truncate(3 << 20)
+
+    async with RelayClient(relay.url, gp.keys) as client:
+        with pytest.raises(PliError) as caught:
+            await client.upload(eid, prefix, path, progress=shorten)
+        assert caught.value.code == "file_changed"
+        assert "ct.age" in str(caught.value)
+        path.write_bytes(ct)  # the whole file back: the upload resumes and completes
+        state = await client.upload(eid, prefix, path)
+    assert (state["complete"], state["offset"]) == (True, len(ct))
     assert relay.stored_blob(eid) == prefix + ct
 
 
