@@ -7,6 +7,7 @@ run beside a serving relay), so no admin endpoint is exposed on the network.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -41,6 +42,13 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _SENSITIVE = ("key", "secret", "passphrase", "password", "code", "nonce", "signature", "text", "patient")
 
 
+@functools.lru_cache(maxsize=1024)
+def _sensitive(name: str) -> bool:
+    # Field names come from the code, a few dozen of them: each is judged once, not on
+    # every line (the test took a tenth of a busy relay's logging).
+    return any(s in name.lower() for s in _SENSITIVE)
+
+
 def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Last line of defence before rendering: no key material, code or content in a log line.
 
@@ -48,7 +56,7 @@ def redact(_logger: object, _method: str, event: MutableMapping[str, Any]) -> Mu
     renderer (JSONRenderer would fall back to their repr()).
     """
     for name, value in list(event.items()):
-        if any(s in name.lower() for s in _SENSITIVE):
+        if _sensitive(name):
             event[name] = "[redacted]"
         elif isinstance(value, (bytes, bytearray, memoryview)):
             event[name] = f"[{len(value)} bytes]"
