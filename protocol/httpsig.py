@@ -38,11 +38,13 @@ __all__ = [
     "DEFAULT_MAX_SKEW",
     "LABEL",
     "MAX_FIELD_LENGTH",
+    "PreparedRequest",
     "VerifiedRequest",
     "authority",
     "content_digest",
     "encode_nonce",
     "parse_content_digest",
+    "prepare_request",
     "sign_request",
     "signature_base",
     "signature_params",
@@ -86,6 +88,17 @@ _SIGNATURE_VALUE_RE: Final = re.compile(r":([A-Za-z0-9+/]{86}==):")
 # RFC 9530 §2: Content-Digest is a Dictionary of algorithm -> Byte Sequence; Pli sends
 # and accepts exactly one member, sha-256 (RFC 9530 §5).
 _CONTENT_DIGEST_RE: Final = re.compile(r"sha-256=:([A-Za-z0-9+/]{43}=):")
+
+# The two signature fields exactly as sign_request writes them (what every Pli client
+# sends): matched in one go. Anything else takes the general parse below, which accepts
+# the same texts and more (parameters in another order), and says what is wrong.
+_FAST_SIGNATURE_INPUT: Final = re.compile(
+    re.escape(f"{LABEL}=")
+    + "("
+    + re.escape(_COVERED_INNER_LIST)
+    + r';created=(0|[1-9][0-9]{0,14});keyid="([0-9a-f]{32})";nonce="([A-Za-z0-9_-]{22,64})";alg="ed25519")'
+)
+_FAST_SIGNATURE: Final = re.compile(re.escape(f"{LABEL}=") + r":([A-Za-z0-9+/]{86}==):")
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _OWS: Final = " \t"
@@ -247,6 +260,45 @@ def verify_request(
     ``headers`` should be case-insensitive (aiohttp's CIMultiDictProxy); when it is a
     multidict, repeated signature fields are refused rather than silently picking one.
     """
+    prepared = prepare_request(method=method, authority=authority, path=path, query=query, headers=headers,
+                               resolve_key=resolve_key, now=now, max_skew=max_skew)
+    prepared.check()
+    return prepared.request
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request whose every check but the Ed25519 one passed (:func:`prepare_request`):
+    :meth:`check` it (or check ``signature`` over ``base`` with ``key`` elsewhere, the
+    same way) before trusting ``request``."""
+
+    request: VerifiedRequest
+    key: nacl.signing.VerifyKey
+    base: bytes
+    signature: bytes
+
+    def check(self) -> None:
+        """Raise AuthError unless the signature verifies."""
+        try:
+            # RFC 9421 §3.3.6: Ed25519 (RFC 8032 §5.1.7) over the base, no pre-hash.
+            self.key.verify(self.base, self.signature)
+        except (nacl.exceptions.CryptoError, ValueError, TypeError) as e:
+            raise AuthError("signature does not verify") from e
+
+
+def prepare_request(
+    *,
+    method: str,
+    authority: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str],
+    resolve_key: Callable[[str], nacl.signing.VerifyKey],
+    now: int,
+    max_skew: int = DEFAULT_MAX_SKEW,
+) -> PreparedRequest:
+    """:func:`verify_request` but for the signature check itself, left to the caller
+    (:meth:`PreparedRequest.check`): a server may run it on another thread."""
     signature_input_value = _field(headers, _SIGNATURE_INPUT)
     signature_value = _field(headers, _SIGNATURE)
     digest_value = _field(headers, _CONTENT_DIGEST)
@@ -269,12 +321,8 @@ def verify_request(
 
     verify_key = resolve_key(keyid)
     base = _base(_components(method, authority, path, query, digest_value), params)
-    try:
-        # RFC 9421 §3.3.6: Ed25519 (RFC 8032 §5.1.7) over the base, no pre-hash.
-        verify_key.verify(base, signature)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError) as e:
-        raise AuthError("signature does not verify") from e
-    return VerifiedRequest(keyid=keyid, created=created, nonce=nonce, content_digest=digest)
+    return PreparedRequest(VerifiedRequest(keyid=keyid, created=created, nonce=nonce, content_digest=digest),
+                           verify_key, base, signature)
 
 
 def _components(
@@ -341,6 +389,14 @@ def _split_member(value: str, name: str) -> str:
 
 def _parse_signature_input(value: str) -> tuple[str, int, str, str]:
     """Signature parameters text, created, keyid and nonce from Signature-Input (RFC 9421 §4.1)."""
+    fast = _FAST_SIGNATURE_INPUT.fullmatch(value.strip(_OWS))
+    if fast is not None:
+        return fast.group(1), int(fast.group(2)), fast.group(3), fast.group(4)
+    return _parse_signature_input_member(value)
+
+
+def _parse_signature_input_member(value: str) -> tuple[str, int, str, str]:
+    """:func:`_parse_signature_input` of any text (the general parse, with its precise refusals)."""
     member = _split_member(value, _SIGNATURE_INPUT)
     if not member.startswith(_COVERED_INNER_LIST):
         raise AuthError(f"Signature-Input must cover exactly {_COVERED_INNER_LIST}")
@@ -371,6 +427,9 @@ def _parse_signature_input(value: str) -> tuple[str, int, str, str]:
 
 def _parse_signature(value: str) -> bytes:
     """The 64 signature bytes from the Signature field (RFC 9421 §4.2)."""
+    fast = _FAST_SIGNATURE.fullmatch(value.strip(_OWS))
+    if fast is not None:
+        return _b64decode_canonical(fast.group(1), _SIGNATURE)
     member = _split_member(value, _SIGNATURE)
     match = _SIGNATURE_VALUE_RE.fullmatch(member)
     if match is None:
