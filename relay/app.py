@@ -10,21 +10,25 @@ Two middlewares wrap every handler: ``problem_middleware`` turns every refusal i
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
+import gc
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import nacl.signing
 import structlog
 from aiohttp import web
 
-from protocol import httpsig
-from protocol.errors import AuthError, PliError
+from protocol import httpsig, keys
+from protocol.envelope import EnvelopeHeader, SignedHeader
+from protocol.errors import AuthError, PliError, SignatureError
 from relay.blobs import BlobStore, open_blobs
 from relay.config import RelayConfig
 from relay.errors import RelayError, storage_failure
@@ -33,7 +37,8 @@ from relay.log import LogIntegrityError, TransparencyLog, open_log
 from relay.metrics import METRICS, Metrics
 from relay.storage import Device, Storage, open_storage
 
-__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LIMITS", "LOG", "MONOTONIC", "STORAGE", "create_app"]
+__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LIMITS", "LOG", "LOG_FIELDS", "MONOTONIC", "NONCE", "STORAGE",
+           "VERIFIER", "NonceClaim", "Verifier", "create_app", "spend_nonce", "verify_header", "verify_key_of"]
 
 log = structlog.get_logger("pli.relay")
 
@@ -59,8 +64,34 @@ UPLOAD_LOCKS: web.AppKey[dict[bytes, UploadSlot]] = web.AppKey("upload_locks")
 #: running SHA-256 of each upload in progress: envelope id -> (bytes hashed, hash object)
 UPLOAD_HASHES: web.AppKey[dict[bytes, tuple[int, Any]]] = web.AppKey("upload_hashes")
 
+@dataclass
+class NonceClaim:
+    """A signed request's nonce, not recorded yet: a new small envelope's (``PUT``) is
+    written in the log's transaction with the envelope itself (``relay.routes``), so a
+    submission makes one commit, not two. Whatever way the request ends, its nonce is
+    recorded before its answer (:func:`spend_nonce`), as every signed request's is."""
+
+    device_id: bytes
+    nonce: str
+    expires: int
+    #: committed (with the request's log entry, or on its own)
+    spent: bool = False
+    #: handed to the log with the request's entry: its batch records it, whether or not
+    #: the request is still there to hear the answer
+    queued: bool = False
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return (self.device_id, self.nonce)
+
+
 #: the authenticated device, set by auth_middleware
 DEVICE = web.RequestKey("device", Device)
+#: a PUT's request nonce, not yet recorded (set by auth_middleware for the routes in DEFERRED_NONCE)
+NONCE = web.RequestKey("nonce", NonceClaim)
+#: request nonces in flight on this node, deferred and not yet recorded: a second request
+#: with one of them is a replay, refused at once
+NONCES_IN_FLIGHT: web.AppKey[set[tuple[bytes, str]]] = web.AppKey("nonces_in_flight")
 #: the verified Content-Digest (32 bytes), set by auth_middleware
 DIGEST = web.RequestKey("digest", bytes)
 
@@ -70,9 +101,14 @@ PUBLIC_ROUTES = frozenset(
 )
 #: the problem code of a refusal, for the request's log line and metrics
 PROBLEM_CODE = web.ResponseKey("problem_code", str)
+#: what a handler adds to its request's log line (e.g. the envelope stored and its leaf)
+LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields")
 #: a file download's log line, written once aiohttp has prepared the response
 PENDING_LINE: web.ResponseKey[dict[str, Any]] = web.ResponseKey("pending_line")
 _KEYID = re.compile(r'keyid="([0-9a-f]{32})"')
+_NONCE = re.compile(r'nonce="([A-Za-z0-9_-]{22,64})"')
+#: routes whose request nonce is recorded with what the request writes (NonceClaim)
+DEFERRED_NONCE = frozenset({"put_envelope"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -104,7 +140,7 @@ _HTTP_CODES = {
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = uuid.uuid4().hex[:16]
+    request_id = os.urandom(8).hex()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     started = time.perf_counter()
@@ -131,6 +167,9 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         "bytes_in": request.content.total_bytes,  # body bytes as received on the wire
         "error": resp.get(PROBLEM_CODE),
     }
+    extra = request.get(LOG_FIELDS)
+    if extra is not None:
+        line.update(extra)
     if isinstance(resp, web.FileResponse) and not resp.prepared:
         # A download's status (200, 206, 304...) and length are known once aiohttp prepares
         # it, after this middleware: its line is written then (_log_prepared).
@@ -201,34 +240,12 @@ def _route_name(request: web.Request) -> str:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.match_info.route.name in PUBLIC_ROUTES or request.match_info.http_exception:
+    route = request.match_info.route.name
+    if route in PUBLIC_ROUTES or request.match_info.http_exception:
         return await handler(request)
     app = request.app
-    cfg = app[CONFIG]
     storage = app[STORAGE]
-    now = app[CLOCK]()
-    m = _KEYID.search(request.headers.get("Signature-Input", "")[:1024])
-    device: Device | None = None
-    if m:
-        device = await storage.device(bytes.fromhex(m.group(1)))
-
-    def resolve(keyid: str) -> nacl.signing.VerifyKey:
-        if device is None or device.device_id.hex() != keyid or device.revoked is not None:
-            raise AuthError("unknown or revoked device")
-        return nacl.signing.VerifyKey(device.sign_key)
-
-    url = request.url
-    verified = httpsig.verify_request(
-        method=request.method,
-        authority=httpsig.authority(url.host or "", url.port, request.scheme),
-        path=url.raw_path,
-        query=url.raw_query_string,
-        headers=request.headers,
-        resolve_key=resolve,
-        now=now,
-        max_skew=cfg.max_skew,
-    )
-    assert device is not None  # resolve() raised otherwise
+    device, verified, recorded = await _authenticate(request)
     # The device's rate limit: after the signature (nobody drains another device's bucket),
     # before the nonce is written (a flood costs no write), spent once the nonce is new (a
     # replay costs the device nothing). See relay.limits.
@@ -236,12 +253,244 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     wait = rate.wait(device.device_id)
     if wait > 0:
         raise RelayError("rate_limited", 429, "too many requests from this device; slow down", retry_after=wait)
-    if not await storage.use_nonce(device.device_id, verified.nonce, expires=verified.created + cfg.max_skew + 1):
-        raise AuthError("this request was already received (replay)", code="replayed_request")
-    rate.take(device.device_id)
+    in_flight = app[NONCES_IN_FLIGHT]
+    key = (device.device_id, verified.nonce)
+    if recorded or key in in_flight:
+        raise _replayed()
+    expires = verified.created + app[CONFIG].max_skew + 1
     request[DEVICE] = device
     request[DIGEST] = verified.content_digest
-    return await handler(request)
+    if route not in DEFERRED_NONCE:
+        if not await storage.use_nonce(device.device_id, verified.nonce, expires=expires):
+            raise _replayed()
+        rate.take(device.device_id)
+        return await handler(request)
+    # Recorded with what the request writes, or on its own before its answer (NonceClaim);
+    # the token is taken now and given back if the nonce turns out to be a replay.
+    claim = NonceClaim(device.device_id, verified.nonce, expires)
+    request[NONCE] = claim
+    in_flight.add(key)
+    rate.take(device.device_id)
+    return await _with_claim(request, handler, claim)
+
+
+async def _authenticate(request: web.Request) -> tuple[Device, httpsig.VerifiedRequest, bool]:
+    """The device that signed ``request`` (SPEC.md §8), what its signature proves, and
+    whether its nonce is recorded already (a replay).
+
+    Raises:
+        AuthError: no valid signature of an enrolled, unrevoked device.
+    """
+    app = request.app
+    signature_input = request.headers.get("Signature-Input", "")[:1024]
+    m = _KEYID.search(signature_input)
+    n = _NONCE.search(signature_input)
+    looked_up = n.group(1) if n else ""
+    device: Device | None = None
+    seen = False
+    if m:
+        # The device and, read with it, whether the nonce is known: a replay is refused
+        # after the signature, before any write.
+        device, seen = await app[STORAGE].device_and_nonce(bytes.fromhex(m.group(1)), looked_up)
+
+    def resolve(keyid: str) -> nacl.signing.VerifyKey:
+        if device is None or device.device_id.hex() != keyid or device.revoked is not None:
+            raise AuthError("unknown or revoked device")
+        return verify_key_of(device.sign_key)
+
+    url = request.url
+    prepared = httpsig.prepare_request(
+        method=request.method,
+        authority=httpsig.authority(url.host or "", url.port, request.scheme),
+        path=url.raw_path,
+        query=url.raw_query_string,
+        headers=request.headers,
+        resolve_key=resolve,
+        now=app[CLOCK](),
+        max_skew=app[CONFIG].max_skew,
+    )
+    await app[VERIFIER].check(prepared.check)  # the Ed25519 check, on the verifier's thread
+    assert device is not None  # resolve() raised otherwise
+    verified = prepared.request
+    return device, verified, seen and looked_up == verified.nonce
+
+
+async def _with_claim(request: web.Request, handler: Handler, claim: NonceClaim) -> web.StreamResponse:
+    """Run the handler of a request whose nonce is deferred; record the nonce before its
+    answer unless the handler did (with what it wrote). The nonce stays in flight until
+    then: a replay sent meanwhile is refused at once."""
+    try:
+        try:
+            resp = await handler(request)
+        except asyncio.CancelledError as e:
+            # The client went away, or the relay is stopping. Unless its log batch will
+            # record it, the nonce is recorded all the same: the same request sent again,
+            # here or to another node, must still be refused.
+            if not claim.spent and not claim.queued:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(spend_nonce(request, e))
+            raise
+        except BaseException as e:
+            await spend_nonce(request, e)
+            raise
+        await spend_nonce(request)
+        return resp
+    finally:
+        request.app[NONCES_IN_FLIGHT].discard(claim.key)
+
+
+class Verifier:
+    """The relay's Ed25519 checks (each request's signature, each new envelope's header),
+    on a thread of their own, in bulk.
+
+    libsodium releases the GIL while it checks (about 55 µs each): the event loop's
+    thread, the relay's bottleneck, goes on with other requests meanwhile. The checks
+    that arrive while a bulk runs go together in the next one, and each bulk costs the
+    loop one wake-up. Only the curve arithmetic goes there: Python work on that thread
+    would wait for the GIL the loop holds, and make the loop wait for it in turn.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Callable[[], object], asyncio.Future[None]]] = []
+        self._running = False
+        self._closed = False
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def check(self, check: Callable[[], object]) -> None:
+        """Run ``check`` (it raises if the signature does not verify) on the verifier's
+        thread; what it raises comes back here."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((check, future))
+        if not self._running:
+            self._start(loop)
+        await future
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        items, self._waiting = self._waiting, []
+        checks = [check for check, _ in items]
+        if self._closed:
+            # The relay is stopping and its thread is gone: a request still running is
+            # checked here, on the loop (no thread started that nobody would stop).
+            self._settle(items, _run_checks(checks))
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pli-verify")
+        try:
+            job = loop.run_in_executor(self._executor, _run_checks, checks)
+        except RuntimeError as e:  # the loop or the executor is shutting down: every caller learns it
+            self._settle(items, [e] * len(items))
+            return
+        self._running = True
+        job.add_done_callback(lambda done: self._finished(loop, items, done))
+
+    def _finished(self, loop: asyncio.AbstractEventLoop,
+                  items: list[tuple[Callable[[], object], asyncio.Future[None]]],
+                  job: asyncio.Future[list[BaseException | None]]) -> None:
+        self._running = False
+        try:
+            outcomes = job.result()
+        except BaseException as e:  # the executor stopped: every caller learns it
+            outcomes = [e] * len(items)
+        self._settle(items, outcomes)
+        if self._waiting and not loop.is_closed():
+            self._start(loop)
+
+    @staticmethod
+    def _settle(items: list[tuple[Callable[[], object], asyncio.Future[None]]],
+                outcomes: list[BaseException | None]) -> None:
+        for (_, future), outcome in zip(items, outcomes, strict=True):
+            if future.done():  # its request went away
+                continue
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+def _run_checks(checks: list[Callable[[], object]]) -> list[BaseException | None]:
+    outcomes: list[BaseException | None] = []
+    for check in checks:
+        try:
+            check()
+        except Exception as e:  # handed back to its caller
+            outcomes.append(e)
+        else:
+            outcomes.append(None)
+    return outcomes
+
+
+#: the relay's Ed25519 checks (Verifier)
+VERIFIER = web.AppKey("verifier", Verifier)
+
+
+async def verify_header(app: web.Application, signed: SignedHeader, sign_key: bytes) -> EnvelopeHeader:
+    """``signed.verify(VerifyKey(sign_key))``, step for step, with its Ed25519 check on the
+    verifier's thread (:class:`Verifier`).
+
+    Raises:
+        SignatureError: not signed by ``sign_key``, or names another sender.
+        DecodeError: the header does not decode.
+    """
+    key = verify_key_of(sign_key)
+    await app[VERIFIER].check(partial(keys.verify, key, keys.CTX_ENVELOPE, signed.envelope_hash, signed.signature))
+    header = EnvelopeHeader.from_bytes(signed.raw)
+    if header.sender != keys.device_id_of(sign_key):
+        raise SignatureError("envelope header names a sender other than its signer")
+    return header
+
+
+async def _close_verifier(app: web.Application) -> None:
+    app[VERIFIER].close()
+
+
+async def spend_nonce(request: web.Request, cause: BaseException | None = None) -> None:
+    """Record the request's deferred nonce now, if not already (a no-op for other requests).
+
+    ``cause``: the error the request already failed with. It stands, even if the nonce
+    was recorded already: a batch may have committed the request's envelope and nonce
+    before an error was found (the log's high-water mark, say), and the client must hear
+    that error, not "replay".
+
+    Raises:
+        AuthError: ``replayed_request``, without ``cause``: the nonce was recorded before
+            (another request, on this node or another, committed it first).
+    """
+    claim = request.get(NONCE)
+    if claim is None or claim.spent:
+        return
+    recorded = await request.app[STORAGE].use_nonce(claim.device_id, claim.nonce, expires=claim.expires)
+    claim.spent = True
+    if recorded:
+        return
+    if cause is None or (isinstance(cause, AuthError) and cause.code == "replayed_request"):
+        # A replay (found now, or by the log's batch): it costs its device no token.
+        request.app[LIMITS].rate.give_back(claim.device_id)
+    if cause is None:
+        raise _replayed()
+
+
+def _replayed() -> AuthError:
+    return AuthError("this request was already received (replay)", code="replayed_request")
+
+
+#: the verify key of each signing key seen lately (building one costs more than a lookup)
+_VERIFY_KEYS: dict[bytes, nacl.signing.VerifyKey] = {}
+
+
+def verify_key_of(sign_key: bytes) -> nacl.signing.VerifyKey:
+    vk = _VERIFY_KEYS.get(sign_key)
+    if vk is None:
+        if len(_VERIFY_KEYS) >= 10_000:
+            _VERIFY_KEYS.clear()
+        vk = _VERIFY_KEYS[sign_key] = nacl.signing.VerifyKey(sign_key)
+    return vk
 
 
 async def _storage_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -291,6 +540,20 @@ async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+#: the cyclic garbage collector's thresholds while a relay serves (Python's are 700, 10, 10)
+GC_THRESHOLDS = (5000, 20, 10)
+
+
+async def _tune_gc(_app: web.Application) -> None:
+    # A submission allocates a few hundred short-lived containers, and 64 of them in
+    # flight keep Python's young generation past 700 objects all the time: it was collected
+    # about a hundred times a second (and the older ones with it, a full pass over every
+    # object of the process taking 25 ms), some 40 µs of each submission's CPU. These
+    # thresholds make that a few times a second; memory is still reclaimed by reference
+    # counting as before, only cycles wait a little longer.
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def _metrics_start(app: web.Application) -> None:
     app[METRICS].start_log(await app[LOG].size())
 
@@ -329,13 +592,17 @@ def create_app(
     app[LIMITS] = Limits(cfg, app[MONOTONIC])
     app[UPLOAD_LOCKS] = {}
     app[UPLOAD_HASHES] = {}
+    app[NONCES_IN_FLIGHT] = set()
+    app[VERIFIER] = Verifier()
     limits = app[LIMITS]
     app[METRICS] = Metrics(uploads_in_flight=lambda: limits.uploads.busy)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_purge_ctx)
     app.on_startup.append(_metrics_start)  # after the cleanup contexts: the log is open
+    app.on_startup.append(_tune_gc)
     app.on_shutdown.append(_mark_stopping)
     app.on_response_prepare.append(_log_prepared)
+    app.on_cleanup.append(_close_verifier)
     add_routes(app)
     add_ops_routes(app)
     return app

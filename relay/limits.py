@@ -75,6 +75,12 @@ class RateLimiter:
         level = self._level(key, self._clock())
         return 0.0 if level >= 1 else (1 - level) / self._rate
 
+    def give_back(self, key: bytes) -> None:
+        """Return a token :meth:`take` spent (the request turned out to be a replay)."""
+        if key in self._buckets:
+            now = self._clock()
+            self._buckets[key] = (min(self._burst, self._level(key, now) + 1), now)
+
     def take(self, key: bytes) -> None:
         """Spend a token. Requests that passed :meth:`wait` together may take the level
         below zero: the debt is paid back before the next request is let through."""
@@ -204,6 +210,7 @@ class QuotaUsage:
         self._events = 0
         self._read: dict[bytes, tuple[float, int]] = {}  # sender: (read at, sum)
         self._let_in: dict[bytes, list[list[float]]] = {}  # sender: [settled as event n (inf: in flight), size]
+        self._let_in_bytes: dict[bytes, int] = {}  # sender: the sum of its _let_in sizes (kept, not summed each time)
 
     def _next(self) -> int:
         self._events += 1
@@ -214,7 +221,7 @@ class QuotaUsage:
         read = self._read.get(sender)
         if read is None or self._clock() - read[0] >= self._ttl:
             return None
-        return read[1] + int(sum(size for _, size in self._let_in.get(sender, ())))
+        return read[1] + self._let_in_bytes.get(sender, 0)
 
     def began(self) -> int:
         """Mark the start of a read (pass it to :meth:`set`)."""
@@ -226,17 +233,21 @@ class QuotaUsage:
         if len(self._read) >= self._most:
             self._read.clear()  # bounded whatever the number of senders: they are read again
             self._let_in = {k: v for k, v in self._let_in.items() if any(n == math.inf for n, _ in v)}
+            self._let_in_bytes = {k: int(sum(size for _, size in v)) for k, v in self._let_in.items()}
         self._read[sender] = (self._clock(), used)
         kept = [e for e in self._let_in.get(sender, ()) if e[0] > began]
         if kept:
             self._let_in[sender] = kept
+            self._let_in_bytes[sender] = int(sum(size for _, size in kept))
         else:
             self._let_in.pop(sender, None)
+            self._let_in_bytes.pop(sender, None)
 
     def reserve(self, sender: bytes, size: int) -> list[float]:
         """Count a new envelope let in now; :meth:`settle` it when its request ends."""
         entry = [math.inf, float(size)]
         self._let_in.setdefault(sender, []).append(entry)
+        self._let_in_bytes[sender] = self._let_in_bytes.get(sender, 0) + size
         return entry
 
     def settle(self, entry: list[float]) -> None:
@@ -295,6 +306,12 @@ class BodyReader:
 
     async def read(self) -> bytes:
         """The next bytes (b"" at the end of the body)."""
+        content = self._request.content
+        data = content.read_nowait()
+        if data or content.at_eof():
+            # Bytes already here (or none to come): no clock to set, nothing to wait for.
+            self.count += len(data)
+            return data
         deadline = min(self._loop.time() + self._timeout, self._start + self._timeout + self.count / self._rate)
         try:
             async with asyncio.timeout_at(deadline):

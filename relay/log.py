@@ -40,13 +40,13 @@ import nacl.signing
 import structlog
 
 from protocol import merkle, note
-from protocol.logentry import LogEntry
+from protocol.logentry import EntryType, LogEntry
 from relay.errors import PG_RETRYABLE, storage_failure
 from relay.storage import NoRelayDataError, Step, Storage, Tx
 
 __all__ = [
     "HIGHWATER", "Appended", "HighWater", "LogIntegrityError", "Skip", "Together", "TransparencyLog", "device_subject",
-    "load_log_key",
+    "load_log_key", "receipt_json", "tlog_proof_text",
 ]
 
 log = structlog.get_logger("pli.relay.log")
@@ -211,6 +211,9 @@ class TransparencyLog:
         self._task: asyncio.Task[None] | None = None
         self._failed: LogIntegrityError | None = None
         self.batches = 0
+        #: of those, how many went to the database in one trip (:meth:`_commit_at_once`); the
+        #: others went step by step (another writer appended, an item was refused, PostgreSQL)
+        self.batches_at_once = 0
         #: the last batch's answering (its high-water mark, then its receipts), which
         #: overlaps the next batch's transaction until its commit; each waits for the one before
         self._publishing: asyncio.Task[None] | None = None
@@ -302,7 +305,8 @@ class TransparencyLog:
                 raise self._failed
             try:
                 try:
-                    await self._commit(batch)
+                    if not await self._commit_at_once(batch):
+                        await self._commit(batch)
                 except Exception as e:
                     if getattr(e, "sqlstate", None) not in PG_RETRYABLE:
                         raise
@@ -327,6 +331,101 @@ class TransparencyLog:
         for p in batch:
             if not p.future.done():
                 p.future.set_exception(e)
+
+    async def _commit_at_once(self, batch: list[_Pending]) -> bool:
+        """The usual batch (new envelopes only, written together) in one trip to the
+        database (``Storage.sequencer_batch``): its statements, its checkpoint, the commit
+        and the high-water mark, then the answers. False, with nothing written, when
+        anything is out of the ordinary: another writer appended, an item is refused, the
+        engine has no such trip (PostgreSQL); :meth:`_commit` then does it step by step
+        (and refuses what it must)."""
+        if not self.storage.one_trip_batches or any(p.together is None for p in batch):
+            return False
+        if self._publishing is not None:
+            await self._publishing  # the mark of a batch before, first (it never goes down)
+        if self._failed is not None:
+            raise self._failed
+        before = self._range
+        rng = before.copy()
+        done: list[tuple[_Pending, int, bytes]] = []
+        leaves: list[tuple[int, bytes, bytes | None, int]] = []
+        nodes: list[tuple[int, int, bytes]] = []
+        groups = self._together(batch)
+        try:
+            self._leaves(batch, rng, done, leaves, nodes)
+        except Exception:  # an item's own error: refused alone, by _commit
+            return False
+        root = rng.root()
+        checkpoint = note.sign_checkpoint(note.Checkpoint(self.origin, rng.size, root), self.signer)
+
+        def build(tx: Tx) -> list[Step]:
+            steps: list[Step] = []
+            for items in groups:
+                together = items[0].together
+                assert together is not None
+                steps += together.steps(tx, [p.together.payload for p in items if p.together is not None])
+            return [
+                *steps,
+                ("INSERT INTO log_leaves (idx, data, envelope_id, type) VALUES (?, ?, ?, ?)", leaves),
+                ("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes),
+                ("INSERT INTO log_checkpoints (size, root, note, created) VALUES (?, ?, ?, ?)",
+                 [(rng.size, root, checkpoint, self._clock())]),
+            ]
+
+        mark = self.highwater
+        then = (lambda: mark.write(rng.size, root)) if mark is not None and rng.size > self._signed[0] else None
+        try:
+            committed, mark_error = await self.storage.sequencer_batch((before.size, before.root()), build, then)
+        except Exception as e:
+            if storage_failure(e) is not None:
+                raise  # the disk: the whole batch fails (503 for each)
+            log.info("log_together_refused", items=len(batch), error=str(e))
+            return False
+        if not committed:
+            return False  # another writer appended: _commit reloads the tree first
+        self._range = rng
+        self.batches += 1
+        self.batches_at_once += 1
+        self._answer(before, rng, nodes, done, checkpoint, mark_error)
+        return True
+
+    def _leaves(self, batch: list[_Pending], rng: merkle.CompactRange, done: list[tuple[_Pending, int, bytes]],
+                leaves: list[tuple[int, bytes, bytes | None, int]], nodes: list[tuple[int, int, bytes]]) -> None:
+        """Make the batch's entries and append them to ``rng``: what was appended (``done``),
+        the rows of ``log_leaves`` and the nodes they complete."""
+        now = self._clock()
+        for p in batch:
+            entry = p.make(now)
+            leaf = entry.to_bytes()
+            leaves.append((rng.size, leaf, p.envelope_id, int(entry.type)))
+            done.append((p, rng.size, leaf))
+            nodes += [(n.level, n.index, n.hash) for n in rng.append(merkle.leaf_hash(leaf))]
+
+    def _answer(self, before: merkle.CompactRange, rng: merkle.CompactRange, nodes: list[tuple[int, int, bytes]],
+                done: list[tuple[_Pending, int, bytes]], checkpoint: str, mark_error: Exception | None) -> None:
+        """Answer a batch :meth:`_commit_at_once` committed, as :meth:`_publish` does."""
+        mark = self.highwater
+        root = rng.root()
+        if mark_error is not None and not isinstance(mark_error, OSError):
+            # A mark that is not one: an error for each, as any batch failure (see _publish).
+            log.error("highwater_write_failed", path=str(mark.path if mark else ""), size=rng.size,
+                      exc_info=mark_error)
+            if isinstance(mark_error, LogIntegrityError):
+                self._failed = mark_error
+            for p, _, _ in done:
+                if not p.future.done():
+                    p.future.set_exception(mark_error)
+            return
+        if mark_error is not None:
+            # Committed: its submitters get their receipts; the next batch raises the mark.
+            log.error("highwater_write_failed", path=str(mark.path if mark else ""), size=rng.size,
+                      exc_info=mark_error)
+        self._signed = max(self._signed, (rng.size, root))
+        proofs = _batch_proofs(before, nodes, rng.size, [index for _, index, _ in done])
+        for (p, index, leaf), proof in zip(done, proofs, strict=True):
+            if not p.future.done():  # a caller that went away still has its leaf logged
+                p.future.set_result(Appended(index=index, leaf=leaf, size=rng.size, checkpoint=checkpoint,
+                                             proof=proof))
 
     async def _commit(self, batch: list[_Pending]) -> None:
         done: list[tuple[_Pending, int, bytes]] = []
@@ -594,9 +693,18 @@ class TransparencyLog:
         return note.TlogProof(index=index, proof=tuple(proof), checkpoint=checkpoint).to_text()
 
     def receipt(self, appended: Appended) -> dict[str, object]:
-        """What a client keeps: the leaf and its proof against the batch's own checkpoint."""
-        proof = note.TlogProof(index=appended.index, proof=appended.proof, checkpoint=appended.checkpoint)
-        return receipt_json(appended.index, appended.leaf, proof.to_text())
+        """What a client keeps: the leaf and its proof against the batch's own checkpoint.
+
+        The same as :func:`receipt_json` of a ``note.TlogProof``, without checking again what
+        this relay just made (its leaf, its proof, the checkpoint it signed): every
+        submission's answer carries one."""
+        leaf = appended.leaf
+        return {
+            "type": _ENTRY_NAMES[leaf[1]],
+            "index": appended.index,
+            "leaf": base64.b64encode(leaf).decode(),
+            "proof": tlog_proof_text(appended.index, appended.proof, appended.checkpoint),
+        }
 
 
     async def entries(self, start: int, end: int) -> list[bytes]:
@@ -637,8 +745,28 @@ def _batch_proofs(
     known = {(level, idx): h for (level, idx), h in zip(
         merkle.perfect_subtrees(0, before.size) if before.size else [], before.hashes, strict=True)}
     known.update(((level, idx), h) for level, idx, h in nodes)
-    get = merkle.range_hasher(lambda level, idx: known[(level, idx)])
+    fold = merkle.range_hasher(lambda level, idx: known[(level, idx)])
+    seen: dict[tuple[int, int], bytes] = {}
+
+    def get(start: int, end: int) -> bytes:
+        # The batch's proofs share most of their subtrees: each is folded once.
+        h = seen.get((start, end))
+        if h is None:
+            h = seen[(start, end)] = fold(start, end)
+        return h
+
     return [tuple(merkle.inclusion_proof(index, size, get)) for index in indices]
+
+
+_ENTRY_NAMES = {int(t): t.name.lower() for t in EntryType}
+
+
+def tlog_proof_text(index: int, proof: tuple[bytes, ...], checkpoint: str) -> str:
+    """``note.TlogProof(index, proof, checkpoint).to_text()`` (no ``extra``), for values this
+    relay made itself: nothing to check, only to write."""
+    b64 = base64.b64encode
+    return "".join([f"{note.TLOG_PROOF_HEADER}\nindex {index}\n",
+                    *[b64(h).decode("ascii") + "\n" for h in proof], "\n", checkpoint])
 
 
 def device_subject(device_id: bytes) -> bytes:

@@ -80,6 +80,8 @@ class Metrics:
                                  "one signed checkpoint), batches since this process started",
                                  buckets=_BATCH_BUCKETS, registry=r)
         self._uploads = uploads_in_flight
+        #: (route, status): that answer's series of requests, duration, bytes in, bytes out
+        self._series: dict[tuple[str, int], tuple[Any, Any, Any, Any]] = {}
         self._connections: _Connections | None = None
         self._log = _LogFacts()
         # One refresh at a time: two overlapping scrapes (an HA Prometheus pair) would
@@ -106,10 +108,16 @@ class Metrics:
         self, *, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int, problem: str | None
     ) -> None:
         """One answered request (called by ``problem_middleware``)."""
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(seconds)
-        self.bytes_in.labels(route).inc(bytes_in)
-        self.bytes_out.labels(route).inc(bytes_out)
+        series = self._series.get((route, status))
+        if series is None:  # a few routes and statuses: each pair's series looked up once
+            series = self._series[(route, status)] = (
+                self.requests.labels(route, str(status)), self.duration.labels(route),
+                self.bytes_in.labels(route), self.bytes_out.labels(route))
+        requests, duration, counted_in, counted_out = series
+        requests.inc()
+        duration.observe(seconds)
+        counted_in.inc(bytes_in)
+        counted_out.inc(bytes_out)
         if problem is not None:
             self.rejections.labels(problem).inc()
             if problem == "rate_limited":

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from protocol import codec
 from protocol.envelope import EnvelopeHeader, SignedHeader, split_prefix
-from protocol.errors import DecodeError, LimitError
+from protocol.errors import AuthError, DecodeError, LimitError
 from protocol.ids import check_rpps
 from protocol.keys import DevicePublic, fingerprint
 from protocol.logentry import EntryType, LogEntry
@@ -31,10 +31,14 @@ from relay.app import (
     DIGEST,
     LIMITS,
     LOG,
+    LOG_FIELDS,
+    NONCE,
     STORAGE,
     UPLOAD_HASHES,
     UPLOAD_LOCKS,
     UploadSlot,
+    spend_nonce,
+    verify_header,
 )
 from relay.blobs import Upload, range_bounds
 from relay.config import MAX_INBOX_WAIT
@@ -598,7 +602,7 @@ async def _put_envelope(request: web.Request) -> web.Response:
             raise DecodeError("the body ends before the envelope header does")
         buf += chunk
     signed, used = split
-    header = signed.verify(nacl.signing.VerifyKey(device.sign_key))
+    header = await verify_header(request.app, signed, device.sign_key)
     _check_header(request, header, envelope_id)
     async with _upload_lock(request.app, envelope_id):
         row, recipients = await request.app[STORAGE].envelope_and_devices(envelope_id, header.to)
@@ -606,11 +610,16 @@ async def _put_envelope(request: web.Request) -> web.Response:
             raise RelayError("envelope_conflict", 409, "this envelope id is taken by other content")
         if row is None:
             _check_recipients(header, recipients)
+            if header.size > INLINE_MAX:
+                # Its bytes go to the blob store as they come: the nonce is recorded first. A
+                # small one's is recorded with the envelope, in the log's transaction.
+                await spend_nonce(request)
             reserved = await _check_quota(request, header)
             try:
                 return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)
             finally:
                 request.app[LIMITS].quota.settle(reserved)
+        await spend_nonce(request)  # a resumed or repeated upload: its nonce before anything else
         return await _receive(request, body, signed, header, row, bytes(buf[used:]), start=0)
 
 
@@ -829,11 +838,22 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
     if upload is not None:
         await upload.close()
 
+    claim = request.get(NONCE)
+    nonce = None if claim is None or claim.spent else (claim.device_id, claim.nonce, claim.expires)
+    envelope_hash = signed.envelope_hash  # a hash each time it is asked for: asked once
+
     async def record(tx: Tx | None = None) -> None:
+        if nonce is not None:
+            # The request's nonce, with what it writes (relay.app.NonceClaim): in the log's
+            # transaction, or on its own before the row of an upload left incomplete.
+            if tx is None:
+                await spend_nonce(request)
+            elif not await storage.record_nonce(tx, *nonce):
+                raise AuthError("this request was already received (replay)", code="replayed_request")
         if row is None:
             done = await storage.create_envelope(
                 envelope_id=header.id, sender=header.sender, prefix=prefix,
-                envelope_hash=signed.envelope_hash, size=header.size, created=header.created,
+                envelope_hash=envelope_hash, size=header.size, created=header.created,
                 expires=header.expires, to=header.to, received=pos, now=now, inline=inline, tx=tx,
             )
         else:
@@ -849,17 +869,22 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
         # device's signature in the leaf and the batch's signed checkpoint.
         def entry(t: int) -> LogEntry:
             return LogEntry(type=EntryType.SUBMITTED, time=t, envelope_id=header.id,
-                            envelope_hash=signed.envelope_hash, device_id=header.sender,
+                            envelope_hash=envelope_hash, device_id=header.sender,
                             signature=signed.signature)
 
         # A new envelope whole in this request (the usual small one) is written with the
         # other new envelopes of its batch, a few statements for them all.
         together = None if row is not None else Together(storage.envelopes_steps, {
             "envelope_id": header.id, "sender": header.sender, "prefix": prefix,
-            "envelope_hash": signed.envelope_hash, "size": header.size, "created": header.created,
-            "expires": header.expires, "to": header.to, "received": pos, "now": now, "inline": inline})
+            "envelope_hash": envelope_hash, "size": header.size, "created": header.created,
+            "expires": header.expires, "to": header.to, "received": pos, "now": now, "inline": inline,
+            "nonce": nonce})
+        if claim is not None and nonce is not None:
+            claim.queued = True  # the batch records it, even if this request goes away
         try:
             appended = await app[LOG].append(entry, record, envelope_id=header.id, together=together)
+            if claim is not None and nonce is not None:
+                claim.spent = True  # committed with the envelope (both ways of writing it record it)
         except _Raced:
             return await _after_race(request, header.id, prefix)
         except Exception:
@@ -873,8 +898,10 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                 await blobs.uncommit(header.id)  # never a blob whose row says stored (logged)
             raise
         receipt = app[LOG].receipt(appended)
-        log.info("envelope_stored", envelope=header.id.hex(), size=header.size, recipients=len(header.to),
-                 leaf=appended.index)
+        # On the request's one log line (relay.app.problem_middleware), which names no id
+        # (the leaf names the envelope, in the log): a line of its own cost as much as the
+        # rest of the answer.
+        request[LOG_FIELDS] = {"size": header.size, "recipients": len(header.to), "leaf": appended.index}
     else:
         try:
             await record()
@@ -889,7 +916,7 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
                 await blobs.truncate(header.id, len(prefix) + held)
             raise
     # The row as this request wrote it (under the envelope's lock): no need to read it back.
-    new_row = EnvelopeRow(id=header.id, sender=header.sender, prefix=prefix, envelope_hash=signed.envelope_hash,
+    new_row = EnvelopeRow(id=header.id, sender=header.sender, prefix=prefix, envelope_hash=envelope_hash,
                           size=header.size, created=header.created, expires=header.expires, received=pos,
                           state="stored" if complete else "uploading", received_at=now if complete else None)
     return web.json_response({**_status_json(new_row), "receipt": receipt}, status=201 if complete else 200)

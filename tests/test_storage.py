@@ -21,6 +21,7 @@ from typing import Any
 import nacl.signing
 import pytest
 import pytest_asyncio
+import structlog
 import test_relay
 from click.testing import CliRunner
 from conftest import DERM, GP, Relay, RelayFactory, assert_problem, make_envelope
@@ -423,8 +424,14 @@ def test_pli_relay_migrate_command(tmp_path: Path, pg_empty_dsn: str) -> None:
 
 
 def test_serve_refuses_an_unmigrated_database_and_says_what_to_do(tmp_path: Path, pg_empty_dsn: str) -> None:
-    r = CliRunner().invoke(cli, ["serve", "--data", str(tmp_path), "--database", pg_empty_dsn,
-                                 "--listen", "127.0.0.1:0"])
+    # `serve` configures structlog for the whole process (caching loggers on first use):
+    # put it back, or later tests' relays log into this test's captured output.
+    saved = structlog.get_config()
+    try:
+        r = CliRunner().invoke(cli, ["serve", "--data", str(tmp_path), "--database", pg_empty_dsn,
+                                     "--listen", "127.0.0.1:0"])
+    finally:
+        structlog.configure(**saved)
     assert r.exit_code == 1
     assert f"schema version 0, this relay needs {len(mig.POSTGRES)}: run `pli-relay migrate`" in r.output
 

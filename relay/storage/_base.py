@@ -171,6 +171,26 @@ class Storage(ABC):
         """The log sequencer's transaction: only one at a time appends, on every node."""
         return self.transaction()
 
+    #: whether :meth:`sequencer_batch` is offered: a whole log batch in one trip (SQLite)
+    one_trip_batches: ClassVar[bool] = False
+
+    async def sequencer_batch(
+        self, expect: tuple[int, bytes], build: Callable[[Tx], list[Step]],
+        then: Callable[[], object] | None = None,
+    ) -> tuple[bool, Exception | None]:
+        """A log batch in one sequencer transaction, made in one trip to the database's thread:
+        if the latest stored checkpoint is ``expect`` (size, root), the statements ``build(tx)``
+        gives (called first, on this thread: ``tx`` only collects ``after_commit``), all or
+        none, then commit, then ``then()`` (blocking: the log's high-water mark).
+
+        Returns (False, None), nothing written, if the log is not at ``expect`` (another
+        writer appended); else (True, the error ``then`` raised or None).
+
+        Raises:
+            Exception: a statement failed: nothing was written.
+        """
+        raise NotImplementedError
+
     @abstractmethod
     async def read_all(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
         """Rows of a read outside any write transaction (only committed data)."""
@@ -187,6 +207,13 @@ class Storage(ABC):
     async def read_one(self, sql: str, args: Iterable[Any] = ()) -> Row | None:
         rows = await self.read_all(sql, args)
         return rows[0] if rows else None
+
+    async def read_quick(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[list[Row]]:
+        """:meth:`read_many` for a few lookups by key, which every request makes (its device,
+        its nonce, a new envelope's id and recipients): SQLite answers them without a trip
+        to a database thread. Only committed data, as :meth:`read_all`; not necessarily one
+        snapshot for all the queries."""
+        return await self.read_many(queries)
 
     @asynccontextmanager
     async def _tx(self, tx: Tx | None) -> AsyncIterator[Tx]:
@@ -394,16 +421,30 @@ class Storage(ABC):
     ) -> tuple[EnvelopeRow | None, dict[bytes, Device | None]]:
         """:meth:`envelope` and :meth:`device` of each of ``device_ids``, read together (what a
         new submission checks: its id is free, its recipients are enrolled)."""
-        rows = await self.read_many([
+        ids = list(dict.fromkeys(device_ids))
+        marks = ", ".join("?" for _ in ids)
+        env, *devs = await self.read_quick([
             (f"SELECT {self._ENV_COLS} FROM envelopes WHERE id = ?", (envelope_id,)),  # noqa: S608 - constant
-            *((f"SELECT {self._DEV_COLS} FROM devices WHERE device_id = ?", (d,)) for d in device_ids),  # noqa: S608
+            *([(f"SELECT {self._DEV_COLS} FROM devices WHERE device_id IN ({marks})", ids)]  # noqa: S608 - placeholders
+              if ids else []),
         ])
-        row = EnvelopeRow(*rows[0][0]) if rows[0] else None
-        return row, {d: Device(*r[0]) if r else None for d, r in zip(device_ids, rows[1:], strict=True)}
+        found = {bytes(r[0]): Device(*r) for rows in devs for r in rows}
+        return (EnvelopeRow(*env[0]) if env else None), {d: found.get(d) for d in device_ids}
 
     async def device(self, device_id: bytes) -> Device | None:
-        row = await self.read_one(f"SELECT {self._DEV_COLS} FROM devices WHERE device_id = ?", (device_id,))  # noqa: S608
-        return Device(*row) if row else None
+        rows = (await self.read_quick([(f"SELECT {self._DEV_COLS} FROM devices WHERE device_id = ?",  # noqa: S608
+                                        (device_id,))]))[0]
+        return Device(*rows[0]) if rows else None
+
+    async def device_and_nonce(self, device_id: bytes, nonce: str) -> tuple[Device | None, bool]:
+        """:meth:`device`, and whether this device's request nonce is recorded already (a
+        replay), read together: what a signed request is checked against."""
+        sql = (f"SELECT {self._DEV_COLS}, EXISTS (SELECT 1 FROM nonces n WHERE n.device_id = d.device_id"  # noqa: S608
+               " AND n.nonce = ?) FROM devices d WHERE d.device_id = ?")
+        (rows,) = await self.read_quick([(sql, (nonce, device_id))])
+        if not rows:
+            return None, False
+        return Device(*rows[0][:-1]), bool(rows[0][-1])
 
     async def devices_of(self, rpps: str, *, include_revoked: bool = False) -> list[Device]:
         rows = await self.read_all(
@@ -462,6 +503,14 @@ class Storage(ABC):
                 if not future.done():
                     future.set_result(first)
 
+    @staticmethod
+    async def record_nonce(tx: Tx, device_id: bytes, nonce: str, expires: int) -> bool:
+        """Record a request nonce in ``tx``; False (nothing written) if this device used it before."""
+        return await tx.execute(
+            "INSERT INTO nonces (device_id, nonce, expires) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (device_id, nonce, expires),
+        ) == 1
+
     # -- envelopes ----------------------------------------------------------------------
 
     _ENV_COLS = (
@@ -469,11 +518,9 @@ class Storage(ABC):
     )
 
     async def envelope(self, envelope_id: bytes) -> EnvelopeRow | None:
-        row = await self.read_one(
-            f"SELECT {self._ENV_COLS} FROM envelopes WHERE id = ?",  # noqa: S608 - constant
-            (envelope_id,),
-        )
-        return EnvelopeRow(*row) if row else None
+        rows = (await self.read_quick([(f"SELECT {self._ENV_COLS} FROM envelopes WHERE id = ?",  # noqa: S608
+                                        (envelope_id,))]))[0]
+        return EnvelopeRow(*rows[0]) if rows else None
 
     async def inline_blob(self, envelope_id: bytes) -> bytes | None:
         """The blob (prefix and ciphertext) of a stored envelope kept in its row; None if
@@ -523,9 +570,15 @@ class Storage(ABC):
         """:meth:`create_envelope` for many complete envelopes at once (arguments as its
         keywords, without ``tx``), as a few statements: the log's bulk write for a burst of
         submissions (``relay.log.Together``). They fail if any id exists (the log then
-        writes the envelopes one by one)."""
+        writes the envelopes one by one). ``nonce``, if given, is the request nonce
+        ``(device_id, nonce, expires)`` recorded with its envelope (as :meth:`record_nonce`):
+        they fail if any was recorded before."""
         woken = list(dict.fromkeys(d for e in envelopes for d in e["to"]))
         return [
+            # Their requests' nonces (relay.app.NonceClaim), first: a replay fails the step
+            # before the larger ones run.
+            ("INSERT INTO nonces (device_id, nonce, expires) VALUES (?, ?, ?)",
+             [e["nonce"] for e in envelopes if e.get("nonce") is not None]),
             (("INSERT INTO envelopes (id, sender, prefix, envelope_hash, size, created, expires, received,"
              " state, started_at, received_at, inline) VALUES (?,?,?,?,?,?,?,?,'stored',?,?,?)"),
              [(e["envelope_id"], e["sender"], e["prefix"], e["envelope_hash"], e["size"], e["created"],
@@ -568,7 +621,8 @@ class Storage(ABC):
         return int(row[0])
 
     async def recipients(self, envelope_id: bytes) -> dict[bytes, int | None]:
-        rows = await self.read_all("SELECT device_id, acked_at FROM deliveries WHERE envelope_id = ?", (envelope_id,))
+        rows = (await self.read_quick([("SELECT device_id, acked_at FROM deliveries WHERE envelope_id = ?",
+                                        (envelope_id,))]))[0]
         return {r[0]: r[1] for r in rows}
 
     async def inbox(self, device_id: bytes, *, now: int) -> list[tuple[EnvelopeRow, str]]:
