@@ -152,14 +152,55 @@ def baseline_server() -> None:
     asyncio.run(main())
 
 
-def _relay_run(tmp: Path, name: str, n: int, connections: int, seconds: float, env: dict[str, str]) -> dict[str, float]:
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), or of its thread
+    ``tid`` alone, from /proc."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _relay_run(tmp: Path, name: str, n: int, connections: int, seconds: float, env: dict[str, str],
+               profile: Path | None = None, spy_args: tuple[str, ...] = ()) -> dict[str, float]:
     data = tmp / name
     proc, url = start_server([sys.executable, "-m", "relay", "serve", "--data", str(data), "--listen", "127.0.0.1:0"],
                              Path(os.devnull), {"PLI_RELAY_LOG_FORMAT": "json", **env})
+    spy = None
     try:
         gp, derm = asyncio.run(_enrol(url, data))
         reqs = _requests(url, gp, derm, n)
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            out = profile / f"{name}.folded"
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).with_name("py-spy")), "record", "-r", "250", "-f", "raw", *spy_args,
+                 "--pid", str(proc.pid), "-o", str(out), "-d", str(int(seconds) + 2)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # py-spy attaches before the timed phase
+        cpu, loop = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
         result = asyncio.run(_load(url, reqs, connections, seconds))
+        cpu, loop = _cpu_seconds(proc.pid) - cpu, _cpu_seconds(proc.pid, proc.pid) - loop
+        result["cpu_us"] = 1e6 * cpu / max(1.0, result["done"])
+        result["loop_us"] = 1e6 * loop / max(1.0, result["done"])
+        if spy is not None:
+            spy.wait()
+            print(f"profile: {out}", file=sys.stderr)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
+        stop(proc)
+    return result
+
+
+def _baseline_run(n: int, connections: int, seconds: float) -> dict[str, float]:
+    proc, url = start_server([sys.executable, __file__, "--baseline-server"], Path(os.devnull))
+    try:
+        dummy = DeviceKeys.generate(now=int(time.time()))
+        reqs = _requests(url, dummy, dummy, n)
+        cpu = _cpu_seconds(proc.pid)
+        result = asyncio.run(_load(url, reqs, connections, seconds))
+        result["cpu_us"] = 1e6 * (_cpu_seconds(proc.pid) - cpu) / max(1.0, result["done"])
     finally:
         stop(proc)
     return result
@@ -171,6 +212,12 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--requests", type=int, default=40_000, help="requests signed ahead per run")
     ap.add_argument("--quick", action="store_true", help="a short run (CI)")
+    ap.add_argument("--only", choices=("baseline", "relay", "relay0"), action="append",
+                    help="run only these (repeatable); default: all three")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="py-spy the relay during its timed runs (raw folded stacks) into DIR")
+    ap.add_argument("--spy", action="append", default=[], metavar="ARG",
+                    help="more py-spy arguments with --profile (e.g. --spy=--native --spy=--idle)")
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
@@ -178,25 +225,36 @@ def main() -> None:
         return
     if args.quick:
         args.seconds, args.requests, args.connections = 1.0, 1500, 16
+    runs = set(args.only or ("baseline", "relay", "relay0"))
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="pli-bench-") as t:
         tmp = Path(t)
-        proc, url = start_server([sys.executable, __file__, "--baseline-server"], Path(os.devnull))
-        try:
-            dummy = DeviceKeys.generate(now=int(time.time()))
-            base = asyncio.run(_load(url, _requests(url, dummy, dummy, args.requests), args.connections,
-                                     args.seconds))
-        finally:
-            stop(proc)
-        relay = _relay_run(tmp, "relay", args.requests, args.connections, args.seconds, {})
-        nowindow = _relay_run(tmp, "relay0", args.requests, args.connections, args.seconds,
-                              {"PLI_RELAY_GROUP_COMMIT_MS": "0"})
-    if relay["errors"] or nowindow["errors"]:
-        raise SystemExit(f"relay refused submissions: {relay['errors']:.0f} / {nowindow['errors']:.0f}")
-    for label, r in (("bare aiohttp handler", base), ("Pli relay", relay), ("Pli relay, group commit 0 ms", nowindow)):
-        print(f"{label:<30} {r['rps']:8.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
-              f"   ({r['done']:.0f} requests)")
-    print(f"relay / baseline: {relay['rps'] / base['rps']:.1%} (target >= 35%)")
-    print(f"group commit 0 ms / baseline: {nowindow['rps'] / base['rps']:.1%}")
+        if "baseline" in runs:
+            results["baseline"] = _baseline_run(args.requests, args.connections, args.seconds)
+        if "relay" in runs:
+            results["relay"] = _relay_run(tmp, "relay", args.requests, args.connections, args.seconds, {},
+                                          args.profile, tuple(args.spy))
+        if "relay0" in runs:
+            results["relay0"] = _relay_run(tmp, "relay0", args.requests, args.connections, args.seconds,
+                                           {"PLI_RELAY_GROUP_COMMIT_MS": "0"}, args.profile, tuple(args.spy))
+    _report(results)
+
+
+def _report(results: dict[str, dict[str, float]]) -> None:
+    refused = {k: r["errors"] for k, r in results.items() if k != "baseline" and r["errors"]}
+    if refused:
+        raise SystemExit(f"relay refused submissions: {refused}")
+    labels = {"baseline": "bare aiohttp handler", "relay": "Pli relay", "relay0": "Pli relay, group commit 0 ms"}
+    for key, r in results.items():
+        loop = f" (event loop's thread {r['loop_us']:.0f})" if "loop_us" in r else ""
+        print(f"{labels[key]:<30} {r['rps']:8.0f} req/s   p50 {r['p50_ms']:6.1f} ms   p99 {r['p99_ms']:6.1f} ms"
+              f"   CPU {r['cpu_us']:4.0f} µs/request{loop}   ({r['done']:.0f} requests)")
+    base = results.get("baseline")
+    if base is not None:
+        if "relay" in results:
+            print(f"relay / baseline: {results['relay']['rps'] / base['rps']:.1%} (target >= 35%)")
+        if "relay0" in results:
+            print(f"group commit 0 ms / baseline: {results['relay0']['rps'] / base['rps']:.1%}")
 
 
 if __name__ == "__main__":
