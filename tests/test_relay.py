@@ -511,27 +511,37 @@ async def test_a_file_that_gets_shorter_while_it_streams_is_said_so(relay: Relay
     assert relay.stored_blob(eid) == prefix + ct
 
 
-async def _cut_patch(relay: Relay, keys: DeviceKeys, eid: bytes, offset: int, body: bytes, *, send: int,
-                     digest_of: bytes | None = None) -> None:
-    """A signed PATCH whose connection is reset (a cable pulled) once the relay has written
-    ``send`` of its bytes into the upload's part file."""
-    path = f"/v1/envelopes/{eid.hex()}?offset={offset}"
-    headers = sign_headers(keys, "PATCH", relay.u(path), body, created=relay.clock(), digest_of=digest_of)
-    head = [f"PATCH {path} HTTP/1.1", f"Host: 127.0.0.1:{relay.server.port}",
-            "Content-Type: application/octet-stream", f"Content-Length: {len(body)}",
-            *(f"{k}: {v}" for k, v in headers.items())]
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
+async def _start_raw(relay: Relay, method: str, path: str, content_type: str, headers: dict[str, str],
+                     body: bytes, send: int) -> asyncio.StreamWriter:
+    """A request written by hand: its head and the first ``send`` bytes of its body."""
+    head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{relay.server.port}", f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    _, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body[:send])
     await writer.drain()
+    return writer
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Cut the connection as a pulled cable does: a reset, no orderly close."""
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def _cut_patch(relay: Relay, keys: DeviceKeys, eid: bytes, offset: int, body: bytes, *, send: int,
+                     digest_of: bytes | None = None) -> None:
+    """A signed PATCH whose connection is reset once the relay has written ``send`` of its
+    bytes into the upload's part file."""
+    path = f"/v1/envelopes/{eid.hex()}?offset={offset}"
+    headers = sign_headers(keys, "PATCH", relay.u(path), body, created=relay.clock(), digest_of=digest_of)
     part = relay.incoming / f"{eid.hex()}.part"
     start = part.stat().st_size
+    writer = await _start_raw(relay, "PATCH", path, "application/octet-stream", headers, body, send)
     deadline = time.monotonic() + 30
     while part.stat().st_size < start + send:  # the relay's own file: a real condition, polled
         assert time.monotonic() < deadline, "the relay never wrote the bytes sent"
         await asyncio.sleep(0.01)
-    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-    del reader
+    _reset(writer)
 
 
 async def test_a_cut_patch_keeps_what_arrived_and_the_upload_resumes(relay: Relay, tmp_path: Path) -> None:
@@ -606,14 +616,7 @@ async def test_a_cut_new_envelope_leaves_nothing(relay: Relay) -> None:
     path = f"/v1/envelopes/{eid.hex()}"
     body = prefix + ct
     headers = sign_headers(gp.keys, "PUT", relay.u(path), body, created=relay.clock())
-    head = [f"PUT {path} HTTP/1.1", f"Host: 127.0.0.1:{relay.server.port}", f"Content-Type: {ENVELOPE_TYPE}",
-            f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.server.port)
-    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body[: len(body) // 2])
-    await writer.drain()
-    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-    del reader
+    _reset(await _start_raw(relay, "PUT", path, ENVELOPE_TYPE, headers, body, len(body) // 2))
     # The same PUT, whole: it waits for the cut one's end (the envelope's lock), then goes in.
     assert (await relay.put(gp.keys, eid, body)).status == 201
     assert relay.stored_blob(eid) == body
