@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import start_server, stop
+from _common import cpu_seconds, start_server, stop
 
 from client.api import RelayClient
 from protocol import httpsig
@@ -152,14 +152,6 @@ def baseline_server() -> None:
     asyncio.run(main())
 
 
-def _cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), or of its thread
-    ``tid`` alone, from /proc."""
-    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    fields = stat.read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _relay_run(tmp: Path, name: str, n: int, connections: int, seconds: float, env: dict[str, str],
                profile: Path | None = None, spy_args: tuple[str, ...] = ()) -> dict[str, float]:
     data = tmp / name
@@ -177,9 +169,9 @@ def _relay_run(tmp: Path, name: str, n: int, connections: int, seconds: float, e
                  "--pid", str(proc.pid), "-o", str(out), "-d", str(int(seconds) + 2)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)  # py-spy attaches before the timed phase
-        cpu, loop = _cpu_seconds(proc.pid), _cpu_seconds(proc.pid, proc.pid)
+        cpu, loop = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid)
         result = asyncio.run(_load(url, reqs, connections, seconds))
-        cpu, loop = _cpu_seconds(proc.pid) - cpu, _cpu_seconds(proc.pid, proc.pid) - loop
+        cpu, loop = cpu_seconds(proc.pid) - cpu, cpu_seconds(proc.pid, proc.pid) - loop
         result["cpu_us"] = 1e6 * cpu / max(1.0, result["done"])
         result["loop_us"] = 1e6 * loop / max(1.0, result["done"])
         if spy is not None:
@@ -198,9 +190,9 @@ def _baseline_run(n: int, connections: int, seconds: float) -> dict[str, float]:
     try:
         dummy = DeviceKeys.generate(now=int(time.time()))
         reqs = _requests(url, dummy, dummy, n)
-        cpu = _cpu_seconds(proc.pid)
+        cpu = cpu_seconds(proc.pid)
         result = asyncio.run(_load(url, reqs, connections, seconds))
-        result["cpu_us"] = 1e6 * (_cpu_seconds(proc.pid) - cpu) / max(1.0, result["done"])
+        result["cpu_us"] = 1e6 * (cpu_seconds(proc.pid) - cpu) / max(1.0, result["done"])
     finally:
         stop(proc)
     return result
