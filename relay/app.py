@@ -76,9 +76,6 @@ class NonceClaim:
     expires: int
     #: committed (with the request's log entry, or on its own)
     spent: bool = False
-    #: handed to the log with the request's entry: its batch records it, whether or not
-    #: the request is still there to hear the answer
-    queued: bool = False
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -318,15 +315,20 @@ async def _authenticate(request: web.Request) -> tuple[Device, httpsig.VerifiedR
 async def _with_claim(request: web.Request, handler: Handler, claim: NonceClaim) -> web.StreamResponse:
     """Run the handler of a request whose nonce is deferred; record the nonce before its
     answer unless the handler did (with what it wrote). The nonce stays in flight until
-    then: a replay sent meanwhile is refused at once."""
+    then: a replay sent meanwhile is refused at once. Should the nonce fail to be written
+    (the database), that failure is the answer: no answer goes out before its nonce is
+    recorded."""
     try:
         try:
             resp = await handler(request)
         except asyncio.CancelledError as e:
-            # The client went away, or the relay is stopping. Unless its log batch will
-            # record it, the nonce is recorded all the same: the same request sent again,
-            # here or to another node, must still be refused.
-            if not claim.spent and not claim.queued:
+            # The client went away, or the relay is stopping: the nonce is recorded all the
+            # same, so that the same request sent again, here or to another node, is
+            # refused. Even if the request's entry waits in a log batch: the batch may yet
+            # refuse it, or never run. (If it has not run, it then refuses that entry, whose
+            # nonce is taken: the envelope is not stored, and its client, gone, has no
+            # receipt for it.)
+            if not claim.spent:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(spend_nonce(request, e))
             raise

@@ -879,8 +879,6 @@ async def _receive(  # noqa: C901, PLR0912, PLR0915 - one upload state machine, 
             "envelope_hash": envelope_hash, "size": header.size, "created": header.created,
             "expires": header.expires, "to": header.to, "received": pos, "now": now, "inline": inline,
             "nonce": nonce})
-        if claim is not None and nonce is not None:
-            claim.queued = True  # the batch records it, even if this request goes away
         try:
             appended = await app[LOG].append(entry, record, envelope_id=header.id, together=together)
             if claim is not None and nonce is not None:

@@ -31,7 +31,7 @@ from protocol.keys import DeviceKeys
 from protocol.logentry import EntryType, LogEntry
 from protocol.note import TlogProof
 from relay.app import LOG, METRICS, NONCES_IN_FLIGHT, STORAGE, Verifier, verify_header
-from relay.log import HIGHWATER, tlog_proof_text
+from relay.log import HIGHWATER, TransparencyLog, tlog_proof_text
 from relay.routes import ENVELOPE_TYPE
 from relay.storage import Storage
 
@@ -263,6 +263,48 @@ async def test_a_submission_cancelled_before_its_batch_still_records_its_nonce(r
     relay.assert_nothing_stored()
 
 
+async def test_a_submission_cancelled_in_its_log_batch_still_records_its_nonce(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The client goes away while its entry waits in a log batch, which then refuses it (a
+    # trigger, from another connection, refuses its row): the nonce is recorded all the
+    # same, and the very same request sent again is a replay.
+    relay = await relay_factory(group_commit_ms=300)
+    gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
+    in_log = asyncio.Event()
+    append = TransparencyLog.append
+
+    async def noting(self: TransparencyLog, *args: Any, **kwargs: Any) -> Any:
+        in_log.set()  # the real append follows: this only says when the request got there
+        return await append(self, *args, **kwargs)
+
+    monkeypatch.setattr(TransparencyLog, "append", noting)
+    db = sqlite3.connect(relay.data / "relay.sqlite3", isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON envelopes WHEN NEW.size = 777"
+                   " BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        put = Held(relay, gp, [derm], size=777)
+        await put.start()
+        put.release()
+        await in_log.wait()
+        assert put.task is not None
+        put.task.cancel()
+        await _until(lambda: not relay.app[NONCES_IN_FLIGHT], "the cancelled request is over")
+        assert put.nonce in _nonces(relay, gp)
+        # A later submission's receipt: the log has answered every batch before it.
+        later = Held(relay, gp, [derm])
+        await later.start()
+        later.release()
+        assert (await later.reply()).status == 201
+        db.execute("DROP TRIGGER refuse")
+    finally:
+        db.close()
+    assert_problem(await put.again(), 401, "replayed_request")
+    assert _submitted(relay) == [later.eid]
+    assert relay.envelope_count() == 1
+
+
 async def test_the_verifier_checks_on_the_loop_once_closed_and_starts_no_thread() -> None:
     # A request still running while the relay cleans up: its checks are still made (and
     # still refuse a bad signature), without a thread nobody would stop.
@@ -271,14 +313,18 @@ async def test_the_verifier_checks_on_the_loop_once_closed_and_starts_no_thread(
     signature = keys.sign(signing, keys.CTX_ENVELOPE, b"m" * 32)
     good = partial(keys.verify, signing.verify_key, keys.CTX_ENVELOPE, b"m" * 32, signature)
     bad = partial(keys.verify, signing.verify_key, keys.CTX_ENVELOPE, b"n" * 32, signature)
+    def threads() -> int:  # verifier threads in this process (other tests' relays' included)
+        return sum(t.name.startswith("pli-verify") for t in threading.enumerate())
+
+    before = threads()
     await verifier.check(good)
-    assert any(t.name.startswith("pli-verify") for t in threading.enumerate())
+    assert threads() == before + 1
     verifier.close()
-    assert not any(t.name.startswith("pli-verify") for t in threading.enumerate())
+    assert threads() == before
     await verifier.check(good)
     with pytest.raises(SignatureError):
         await verifier.check(bad)
-    assert not any(t.name.startswith("pli-verify") for t in threading.enumerate())
+    assert threads() == before
 
 
 @pytest.mark.slow
