@@ -37,8 +37,9 @@ from relay.log import LogIntegrityError, TransparencyLog, open_log
 from relay.metrics import METRICS, Metrics
 from relay.storage import Device, Storage, open_storage
 
-__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "LIMITS", "LOG", "LOG_FIELDS", "MONOTONIC", "NONCE", "STORAGE",
-           "VERIFIER", "NonceClaim", "Verifier", "create_app", "spend_nonce", "verify_header", "verify_key_of"]
+__all__ = ["BLOBS", "CLOCK", "CONFIG", "DEVICE", "GC_THRESHOLDS", "LIMITS", "LOG", "LOG_FIELDS", "MONOTONIC", "NONCE",
+           "STORAGE", "VERIFIER", "NonceClaim", "Verifier", "create_app", "spend_nonce", "verify_header",
+           "verify_key_of"]
 
 log = structlog.get_logger("pli.relay")
 
@@ -546,14 +547,27 @@ async def _purge_ctx(app: web.Application) -> AsyncIterator[None]:
 GC_THRESHOLDS = (5000, 20, 10)
 
 
-async def _tune_gc(_app: web.Application) -> None:
+#: relays serving in this process, and the thresholds before the first (restored after the last)
+_GC_TUNED: list[tuple[int, ...]] = []
+
+
+async def _gc_ctx(_app: web.Application) -> AsyncIterator[None]:
     # A submission allocates a few hundred short-lived containers, and 64 of them in
     # flight keep Python's young generation past 700 objects all the time: it was collected
     # about a hundred times a second (and the older ones with it, a full pass over every
     # object of the process taking 25 ms), some 40 µs of each submission's CPU. These
     # thresholds make that a few times a second; memory is still reclaimed by reference
-    # counting as before, only cycles wait a little longer.
+    # counting as before, only cycles wait a little longer. The process's own thresholds
+    # come back once no relay serves in it (tests run many in one process).
+    _GC_TUNED.append(gc.get_threshold())
     gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        first = _GC_TUNED[0]
+        _GC_TUNED.pop()
+        if not _GC_TUNED:
+            gc.set_threshold(*first)
 
 
 async def _metrics_start(app: web.Application) -> None:
@@ -600,8 +614,8 @@ def create_app(
     app[METRICS] = Metrics(uploads_in_flight=lambda: limits.uploads.busy)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_purge_ctx)
+    app.cleanup_ctx.append(_gc_ctx)
     app.on_startup.append(_metrics_start)  # after the cleanup contexts: the log is open
-    app.on_startup.append(_tune_gc)
     app.on_shutdown.append(_mark_stopping)
     app.on_response_prepare.append(_log_prepared)
     app.on_cleanup.append(_close_verifier)

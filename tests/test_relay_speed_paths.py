@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import shutil
 import sqlite3
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 from conftest import DERM, GP, Device, Relay, RelayFactory, assert_problem, make_envelope, send_raw, sign_headers
 
 from protocol import httpsig, keys, merkle
@@ -30,7 +32,8 @@ from protocol.errors import DecodeError, SignatureError
 from protocol.keys import DeviceKeys
 from protocol.logentry import EntryType, LogEntry
 from protocol.note import TlogProof
-from relay.app import LOG, METRICS, NONCES_IN_FLIGHT, STORAGE, Verifier, verify_header
+from relay.app import GC_THRESHOLDS, LOG, METRICS, NONCES_IN_FLIGHT, STORAGE, Verifier, create_app, verify_header
+from relay.config import RelayConfig
 from relay.log import HIGHWATER, TransparencyLog, tlog_proof_text
 from relay.routes import ENVELOPE_TYPE
 from relay.storage import Storage
@@ -303,6 +306,24 @@ async def test_a_submission_cancelled_in_its_log_batch_still_records_its_nonce(
     assert_problem(await put.again(), 401, "replayed_request")
     assert _submitted(relay) == [later.eid]
     assert relay.envelope_count() == 1
+
+
+async def test_gc_thresholds_are_the_relays_while_it_serves_and_come_back_after(tmp_path: Path) -> None:
+    own = (701, 11, 9)  # this process's, before any relay
+    saved = gc.get_threshold()
+    gc.set_threshold(*own)
+    try:
+        servers = [TestServer(create_app(RelayConfig(data=tmp_path / name, listen="127.0.0.1:0")),
+                           host="127.0.0.1", port=0) for name in ("a", "b")]
+        await servers[0].start_server()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        await servers[1].start_server()
+        await servers[0].close()  # the first to start stops first: the other still serves
+        assert gc.get_threshold() == GC_THRESHOLDS
+        await servers[1].close()
+        assert gc.get_threshold() == own
+    finally:
+        gc.set_threshold(*saved)
 
 
 async def test_the_verifier_checks_on_the_loop_once_closed_and_starts_no_thread() -> None:
