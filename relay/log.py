@@ -352,7 +352,7 @@ class TransparencyLog:
         nodes: list[tuple[int, int, bytes]] = []
         groups = self._together(batch)
         try:
-            self._leaves(batch, rng, done, leaves, nodes)
+            self._leaves(batch, rng, self._clock(), done, leaves, nodes)
         except Exception:  # an item's own error: refused alone, by _commit
             return False
         root = rng.root()
@@ -389,11 +389,11 @@ class TransparencyLog:
         self._answer(before, rng, nodes, done, checkpoint, mark_error)
         return True
 
-    def _leaves(self, batch: list[_Pending], rng: merkle.CompactRange, done: list[tuple[_Pending, int, bytes]],
+    @staticmethod
+    def _leaves(batch: list[_Pending], rng: merkle.CompactRange, now: int, done: list[tuple[_Pending, int, bytes]],
                 leaves: list[tuple[int, bytes, bytes | None, int]], nodes: list[tuple[int, int, bytes]]) -> None:
         """Make the batch's entries and append them to ``rng``: what was appended (``done``),
         the rows of ``log_leaves`` and the nodes they complete."""
-        now = self._clock()
         for p in batch:
             entry = p.make(now)
             leaf = entry.to_bytes()
@@ -530,12 +530,7 @@ class TransparencyLog:
         leaves: list[tuple[int, bytes, bytes | None, int]] = []
         new: list[tuple[int, int, bytes]] = []
         try:
-            for p in items:
-                entry = p.make(now)
-                leaf = entry.to_bytes()
-                leaves.append((grown.size, leaf, p.envelope_id, int(entry.type)))
-                added.append((p, grown.size, leaf))
-                new += [(n.level, n.index, n.hash) for n in grown.append(merkle.leaf_hash(leaf))]
+            self._leaves(items, grown, now, added, leaves, new)
             assert items[0].together is not None
             steps = items[0].together.steps(tx, [p.together.payload for p in items if p.together is not None])
         except Exception as e:  # one item's own error: each goes alone, and that one is refused

@@ -85,6 +85,13 @@ class _SqliteTx(Tx):
         await self._call(run)
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back what a failed statement left open, on the connection's own thread."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # never hide the error that caused it
+            conn.execute("ROLLBACK")
+
+
 def _batch(conn: sqlite3.Connection, expect: tuple[int, bytes], steps: Sequence[Step],
            then: Callable[[], object] | None) -> tuple[bool, Exception | None]:
     """:meth:`SqliteStorage.sequencer_batch` on the writer's thread."""
@@ -99,9 +106,7 @@ def _batch(conn: sqlite3.Connection, expect: tuple[int, bytes], steps: Sequence[
                 conn.executemany(sql, rows)
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):  # never hide the error that caused it
-                conn.execute("ROLLBACK")
+        _rollback(conn)
         raise
     if then is not None:
         try:
@@ -258,9 +263,7 @@ class SqliteStorage(Storage):
                     rows = list(conn.execute(sql, tuple(args)).fetchall())
                     conn.execute("COMMIT")
                 except BaseException:
-                    if conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):  # never hide the error that caused it
-                            conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 return rows
 
