@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CARDIO, DERM, GP, PRACTITIONERS, Relay, assert_problem, make_envelope, sign_headers
+from conftest import CARDIO, DERM, GP, PRACTITIONERS, Device, Relay, assert_problem, make_envelope, sign_headers
 
 from client import core
 from client.api import RelayClient
@@ -444,14 +444,21 @@ async def test_chunked_resumable_upload(relay: Relay) -> None:
     assert r.json() == st
 
 
-async def test_client_upload_in_several_requests(relay: Relay, tmp_path: Path) -> None:
-    # Over the client's 4 MiB request size, so it PUTs then PATCHes.
+async def _big_envelope(relay: Relay, tmp_path: Path, size: int) -> tuple[Device, bytes, bytes, bytes, Path]:
+    """A GP's envelope of ``size`` random ciphertext bytes to a dermatologist, its
+    ciphertext in a file as the client keeps it: sender, id, prefix, ciphertext, file."""
     gp = await relay.enroll(GP)
     derm = await relay.enroll(DERM)
-    ct = os.urandom(9 << 20)
+    ct = os.urandom(size)
     path = tmp_path / "ct.age"
     path.write_bytes(ct)
     eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    return gp, eid, prefix, ct, path
+
+
+async def test_client_upload_in_several_requests(relay: Relay, tmp_path: Path) -> None:
+    # Over the client's 4 MiB request size, so it PUTs then PATCHes.
+    gp, eid, prefix, ct, path = await _big_envelope(relay, tmp_path, 9 << 20)
     seen: list[int] = []
     async with RelayClient(relay.url, gp.keys) as client:
         state = await client.upload(eid, prefix, path, progress=lambda done, _total: seen.append(done))
@@ -467,12 +474,7 @@ async def test_client_upload_resumes_past_the_piece_it_read_ahead(relay: Relay, 
     # The relay already holds more than the first piece (an earlier, cut attempt): the
     # client's PUT is answered with that offset, so the piece it read ahead (right after
     # the first) is dropped and the upload goes on from the relay's offset.
-    gp = await relay.enroll(GP)
-    derm = await relay.enroll(DERM)
-    ct = os.urandom(13 << 20)
-    path = tmp_path / "ct.age"
-    path.write_bytes(ct)
-    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    gp, eid, prefix, ct, path = await _big_envelope(relay, tmp_path, 13 << 20)
     held = (6 << 20) + 12_345
     assert (await relay.put(gp.keys, eid, prefix + ct[:1000])).status == 200
     assert (await relay.patch(gp.keys, eid, 1000, ct[1000:held])).status == 200
@@ -488,12 +490,7 @@ async def test_a_file_that_gets_shorter_while_it_streams_is_said_so(relay: Relay
     # The ciphertext file is cut short (another program, a full disk's cleanup) while the
     # PATCH streams it. The user is told the file changed, not that the relay is
     # unreachable; and the relay keeps what arrived, which a later upload resumes from.
-    gp = await relay.enroll(GP)
-    derm = await relay.enroll(DERM)
-    ct = os.urandom(9 << 20)
-    path = tmp_path / "ct.age"
-    path.write_bytes(ct)
-    eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
+    gp, eid, prefix, ct, path = await _big_envelope(relay, tmp_path, 9 << 20)
 
     def shorten(done: int, _total: int) -> None:
         if done > 0 and path.stat().st_size == len(ct):
