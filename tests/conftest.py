@@ -335,17 +335,33 @@ class Relay:
 RelayFactory = Callable[..., Awaitable[Relay]]
 
 
+class _TestServer(TestServer):
+    """aiohttp's TestServer on 127.0.0.1, port 0, with handler cancellation as asked (it
+    always turns it on, whatever its constructor is given)."""
+
+    def __init__(self, app: web.Application, *, handler_cancellation: bool) -> None:
+        super().__init__(app, host="127.0.0.1", port=0)
+        self._handler_cancellation = handler_cancellation
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs["handler_cancellation"] = self._handler_cancellation
+        return web.AppRunner(self.app, **kwargs)
+
+
 @pytest_asyncio.fixture
 async def relay_factory(tmp_path: Path) -> AsyncIterator[RelayFactory]:
     """Start relays with chosen settings: ``await relay_factory(max_request=65536)``."""
     started: list[Relay] = []
 
-    async def make(name: str = "relay", *, clock: Clock | None = None, **settings: Any) -> Relay:
+    async def make(name: str = "relay", *, clock: Clock | None = None, handler_cancellation: bool = True,
+                   **settings: Any) -> Relay:
+        # handler_cancellation: aiohttp's test server cancels a handler whose client went
+        # away; `pli-relay serve` does not (the handler then sees the connection reset).
         clock = clock or Clock()
         settings.setdefault("purge_interval", 3600.0)  # tests call purge_once themselves
         cfg = RelayConfig(data=tmp_path / name, listen="127.0.0.1:0", **settings)
         app = create_app(cfg, clock=clock)
-        server = TestServer(app, host="127.0.0.1", port=0)
+        server = _TestServer(app, handler_cancellation=handler_cancellation)
         await server.start_server()
         session = aiohttp.ClientSession()
         r = Relay(app=app, server=server, session=session, data=cfg.data, clock=clock, cfg=cfg, tmp=tmp_path)

@@ -75,8 +75,9 @@ async def test_a_cut_patch_keeps_what_arrived_and_the_upload_resumes(
 ) -> None:
     # As on the file store (tests/test_relay.py): a PATCH cut mid-way keeps the bytes that
     # reached the relay, here whole chunks committed as they filled and the one in memory
-    # committed at the cut; the client resumes from there.
-    relay = await relay_factory(database=pg_dsn, blob_store="postgresql")
+    # committed at the cut; the client resumes from there. The relay runs as `pli-relay
+    # serve` does, without handler cancellation: the reset reaches the handler as such.
+    relay = await relay_factory(database=pg_dsn, blob_store="postgresql", handler_cancellation=False)
     gp, derm = await relay.enroll(GP), await relay.enroll(DERM)
     ct = os.urandom(6 * CHUNK)
     eid, prefix = make_envelope(gp.keys, [derm.device_id], ct, now=relay.clock())
